@@ -1,0 +1,182 @@
+"""Run the real ``twistd -n mta`` in a subprocess for end-to-end tests.
+
+Listeners bind port 0; the daemon logs ``listening: KIND on HOST:PORT`` and
+the harness reads those lines from its output, so no port is fixed and no
+test sleeps to wait for a server.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+_LISTENING = re.compile(r"listening: (\w+) on ([\d.:a-f]+):(\d+)")
+START_TIMEOUT = 30.0
+
+
+def base_config(root: Path, *, hostname: str = "mx.example.test", extra: str = "") -> str:
+    """A config listening on free loopback ports, spool under ``root``."""
+    return f"""
+hostname = "{hostname}"
+spool = "var"
+
+[listen]
+smtp = ["tcp:0:interface=127.0.0.1"]
+submission = ["tcp:0:interface=127.0.0.1"]
+submissions = ["tcp:0:interface=127.0.0.1"]
+
+[domains]
+local = ["example.test", "localhost"]
+
+[users]
+file = "users"
+
+[aliases]
+file = "aliases"
+{extra}
+"""
+
+
+@dataclass
+class Daemon:
+    """One running server, its folder and its log."""
+
+    root: Path
+    config: Path
+    process: subprocess.Popen | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)
+    _changed: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def spool(self) -> Path:
+        return self.root / "var"
+
+    def start(self, extra_args: tuple[str, ...] = ()) -> "Daemon":
+        self.ports = {}
+        command = [TWISTD, "-n", "--pidfile=", "mta", "--config", str(self.config), *extra_args]
+        self.process = subprocess.Popen(
+            command,
+            cwd=self.root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        threading.Thread(target=self._read_output, args=(self.process,), daemon=True).start()
+        kinds = {"smtp", "submission", "submissions"}
+        self.wait_for(lambda: kinds <= self.ports.keys() or self.process.poll() is not None)
+        if not kinds <= self.ports.keys():
+            raise RuntimeError("daemon did not start:\n" + "\n".join(self.log[-30:]))
+        return self
+
+    def _read_output(self, process: subprocess.Popen) -> None:
+        with open(self.root / "daemon.log", "a", encoding="utf-8") as copy:
+            for raw in process.stdout:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                copy.write(line + "\n")
+                copy.flush()
+                with self._changed:
+                    self.log.append(line)
+                    match = _LISTENING.search(line)
+                    if match:
+                        self.ports[match.group(1)] = int(match.group(3))
+                    self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for(self, condition, timeout: float = START_TIMEOUT) -> bool:
+        """Wait until ``condition()`` holds, woken by each new log line."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not condition():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+        return True
+
+    def wait_for_log(self, pattern: str, timeout: float = START_TIMEOUT) -> str:
+        regex = re.compile(pattern)
+        found: list[str] = []
+
+        def seen() -> bool:
+            found[:] = [line for line in self.log if regex.search(line)]
+            return bool(found)
+
+        if not self.wait_for(seen, timeout):
+            raise AssertionError(f"no log line matching {pattern!r}:\n" + "\n".join(self.log[-20:]))
+        return found[-1]
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup at all, as in a crash or power loss of the process."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def smtp(self, listener: str = "smtp", **kwargs) -> smtplib.SMTP:
+        if listener == "submissions":
+            return smtplib.SMTP_SSL(
+                "127.0.0.1", self.ports[listener], context=insecure_context(), timeout=30, **kwargs
+            )
+        return smtplib.SMTP("127.0.0.1", self.ports[listener], timeout=30, **kwargs)
+
+    def maildir(self, domain: str, local: str) -> Path:
+        return self.spool / "mail" / domain / local
+
+    def messages(self, domain: str, local: str) -> list[bytes]:
+        new = self.maildir(domain, local) / "new"
+        if not new.is_dir():
+            return []
+        return [p.read_bytes() for p in sorted(new.iterdir())]
+
+
+def insecure_context() -> ssl.SSLContext:
+    """A client context that accepts the daemon's self-signed certificate."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def make_daemon(
+    root: Path,
+    *,
+    users: str = "",
+    aliases: str = "",
+    extra: str = "",
+    hostname: str = "mx.example.test",
+) -> Daemon:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "users").write_text(users)
+    (root / "aliases").write_text(aliases)
+    config = root / "mta.toml"
+    config.write_text(base_config(root, hostname=hostname, extra=extra))
+    return Daemon(root, config)
+
+
+def running_daemon(root: Path, **kwargs) -> Iterator[Daemon]:
+    daemon = make_daemon(root, **kwargs).start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()

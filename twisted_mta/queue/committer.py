@@ -1,0 +1,172 @@
+"""Make written files durable in batches, off the reactor thread.
+
+A message is acknowledged only once its files are fsynced, renamed into
+place and the directories holding them are fsynced.  Doing that on the
+reactor thread serialises every session behind one disk flush; handing
+each file to Twisted's thread pool costs a thread hand-off per message.
+Instead one worker thread takes every commit that piled up while it was
+busy and flushes them together: files are fsynced one after another (the
+GIL is released meanwhile), and each directory is fsynced once per batch
+however many messages went into it.  The reactor hears back once per batch.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorThreads
+from twisted.python.failure import Failure
+
+
+@dataclass
+class PendingFile:
+    """A written file in a temporary place, to be made durable at ``final``.
+
+    ``prepare`` runs in the worker before the fsync; it is where extra
+    copies are filled from another file, so that the reactor never copies.
+    """
+
+    fd: int
+    temporary: str
+    final: str
+    prepare: Callable[[], None] | None = None
+
+
+@dataclass
+class _Commit:
+    files: Sequence[PendingFile]
+    deferred: defer.Deferred[None]
+    error: BaseException | None = None
+
+
+@dataclass
+class Committer:
+    """Run batched fsync + rename + directory fsync in one worker thread."""
+
+    reactor: IReactorThreads
+    _pending: list[_Commit] = field(default_factory=list)
+    _wakeup: threading.Condition = field(default_factory=threading.Condition)
+    _thread: threading.Thread | None = None
+    _stopping: bool = False
+
+    def commit(self, files: Sequence[PendingFile]) -> defer.Deferred[None]:
+        """Fsync, rename and fsync the parent directories of ``files``.
+
+        The Deferred fires once all of it is on disk, or fails with the first
+        OSError (then no file of this commit was left at its final name).
+        """
+        d: defer.Deferred[None] = defer.Deferred()
+        with self._wakeup:
+            self._pending.append(_Commit(files, d))
+            self._wakeup.notify()
+        self._ensure_thread()
+        return d
+
+    def stop(self) -> None:
+        """Let the worker finish what it holds and exit."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(
+                target=self._run, name="twisted-mta-committer", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._pending and not self._stopping:
+                    self._wakeup.wait()
+                batch, self._pending = self._pending, []
+                if not batch and self._stopping:
+                    return
+            _flush_batch(batch)
+            self.reactor.callFromThread(_report, batch)
+
+
+def _flush_batch(batch: list[_Commit]) -> None:
+    directories: set[str] = set()
+    for item in batch:
+        try:
+            _make_durable(item.files)
+        except BaseException as error:  # reported to the Deferred, not lost
+            item.error = error
+        else:
+            directories.update(os.path.dirname(f.final) for f in item.files)
+    for directory in directories:
+        try:
+            fsync_directory(directory)
+        except OSError as error:
+            for item in batch:
+                if item.error is None and any(
+                    os.path.dirname(f.final) == directory for f in item.files
+                ):
+                    item.error = error
+
+
+def _make_durable(files: Sequence[PendingFile]) -> None:
+    try:
+        for pending in files:
+            if pending.prepare is not None:
+                pending.prepare()
+            os.fsync(pending.fd)
+    except BaseException:
+        for pending in files:
+            _close_and_remove(pending)
+        raise
+    for pending in files:
+        os.close(pending.fd)
+        pending.fd = -1
+    renamed: list[PendingFile] = []
+    try:
+        for pending in files:
+            os.rename(pending.temporary, pending.final)
+            renamed.append(pending)
+    except BaseException:
+        for pending in files:
+            _close_and_remove(pending)
+        for pending in renamed:
+            _unlink_quietly(pending.final)
+        raise
+
+
+def _report(batch: list[_Commit]) -> None:
+    for item in batch:
+        if item.error is None:
+            item.deferred.callback(None)
+        else:
+            item.deferred.errback(Failure(item.error))
+
+
+def _close_and_remove(pending: PendingFile) -> None:
+    if pending.fd >= 0:
+        os.close(pending.fd)
+        pending.fd = -1
+    _unlink_quietly(pending.temporary)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def fsync_directory(path: str) -> None:
+    """Flush a directory's entries (new names, renames) to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

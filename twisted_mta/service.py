@@ -1,0 +1,117 @@
+"""Assemble the running server from a Config: listeners, portal, spool."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from twisted.application import service
+from twisted.cred.checkers import AllowAnonymousAccess
+from twisted.cred.portal import Portal
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import log
+
+from twisted_mta.config import Config
+from twisted_mta.delivery.directory import Directory
+from twisted_mta.queue.committer import Committer
+from twisted_mta.queue.spool import Spool
+from twisted_mta.smtp.policy import MailRealm, MailSystem
+from twisted_mta.smtp.server import ConnectionLimits, MTAFactory, ServerSettings
+from twisted_mta.tls import TLSError, server_context
+
+LISTENERS = ("smtp", "submission", "submissions")
+
+
+class ListenerService(service.Service):
+    """Bind one endpoint before privileges are dropped; log where it listens."""
+
+    def __init__(self, kind: str, description: str, factory) -> None:
+        self.kind = kind
+        self.description = description
+        self.factory = factory
+        self._port = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        endpoint = serverFromString(reactor, self.description)
+        result: list = []
+        endpoint.listen(self.factory).addBoth(result.append)
+        outcome = result[0] if result else None
+        if hasattr(outcome, "check"):
+            reason = outcome.value
+            if isinstance(reason, CannotListenError):
+                reason = reason.socketError
+            raise SystemExit(f"twistd mta: cannot listen on {self.description}: {reason}")
+        self._port = outcome
+        address = outcome.getHost()
+        log.msg(f"listening: {self.kind} on {address.host}:{address.port}")
+
+    def stopService(self):
+        super().stopService()
+        if self._port is not None:
+            port, self._port = self._port, None
+            return port.stopListening()
+        return None
+
+
+class CommitterService(service.Service):
+    def __init__(self, committer: Committer) -> None:
+        self.committer = committer
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.committer.stop()
+
+
+def build_service(config: Config, checkers: Sequence = ()) -> service.MultiService:
+    """The whole server as one service, ready for twistd."""
+    top = service.MultiService()
+    committer = Committer(reactor)
+    CommitterService(committer).setServiceParent(top)
+    spool = Spool(config.mail_dir, config.queue_dir, committer)
+    spool.prepare()
+    directory = Directory(
+        frozenset(config.domains.local),
+        config.domains.recipient_delimiter,
+        config.users.file,
+        config.aliases.file,
+    )
+    system = MailSystem(config.hostname, directory, spool, config.relay.networks)
+    portal = Portal(MailRealm(system), [AllowAnonymousAccess(), *checkers])
+    try:
+        context = server_context(
+            config.tls.certificate, config.tls.private_key, config.tls_dir, config.hostname
+        )
+    except TLSError as error:
+        raise SystemExit(f"twistd mta: {error}") from None
+    limits = ConnectionLimits(
+        config.limits.max_connections, config.limits.max_connections_per_ip
+    )
+    for kind in LISTENERS:
+        settings = _settings(config, kind)
+        for description in getattr(config.listen, kind):
+            factory = MTAFactory(portal, settings, limits, context)
+            if settings.implicit_tls:
+                factory = TLSMemoryBIOFactory(context, False, factory)
+            ListenerService(kind, description, factory).setServiceParent(top)
+    log.msg(
+        f"twisted-mta starting: hostname={config.hostname} spool={config.spool} "
+        f"config={config.source or '(defaults)'}"
+    )
+    return top
+
+
+def _settings(config: Config, kind: str) -> ServerSettings:
+    limits = config.limits
+    return ServerSettings(
+        hostname=config.hostname,
+        listener=kind,
+        max_message_size=limits.max_message_size,
+        max_recipients=limits.max_recipients,
+        idle_timeout=limits.idle_timeout,
+        max_errors=limits.max_errors,
+        require_auth=kind != "smtp",
+        implicit_tls=kind == "submissions",
+    )

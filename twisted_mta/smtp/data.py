@@ -1,0 +1,94 @@
+"""Decode the DATA stream a buffer at a time.
+
+Twisted's server handles DATA one Python call chain per line, which caps it
+near 90 MB/s, and it returns to command mode after an over-long line (the
+S1 smuggling defect).  This decoder works on whole buffers with bytes
+methods: it finds ``<CRLF>.<CRLF>`` (the only end of DATA), checks for bare
+CR or LF and over-long lines, turns CRLF into LF and removes dot-stuffing.
+After any fault it keeps reading, discarding, until the real end, so the
+body can never be read as commands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+MAX_LINE = 998  # RFC 5321 4.5.3.1.6, without the CRLF
+
+BARE_LINE_ENDING = "bare CR or LF"
+LINE_TOO_LONG = "line too long"
+TOO_BIG = "message too big"
+
+
+@dataclass
+class DataDecoder:
+    """Feed raw DATA bytes; get decoded body chunks and the end of DATA.
+
+    ``sink`` receives body bytes (LF line endings, unstuffed) while no fault
+    has been seen and the size stays within ``max_size``.  ``feed`` returns
+    ``None`` while the message goes on, or the bytes that followed the final
+    ``.<CRLF>`` (pipelined commands) once it has ended.
+    """
+
+    sink: Callable[[bytes], None]
+    max_size: int
+    size: int = 0
+    fault: str | None = None
+    _partial: bytes = b""
+
+    def feed(self, chunk: bytes) -> bytes | None:
+        data = self._partial + chunk if self._partial else chunk
+        if data.startswith(b".\r\n"):
+            self._partial = b""
+            return data[3:]
+        end = data.find(b"\r\n.\r\n")
+        if end >= 0:
+            self._partial = b""
+            self._take(data[: end + 2])
+            return data[end + 5 :]
+        last = data.rfind(b"\r\n")
+        complete = last + 2 if last >= 0 else 0
+        self._partial = data[complete:]
+        if complete:
+            self._take(data[:complete])
+        self._check_partial()
+        return None
+
+    def _check_partial(self) -> None:
+        partial = self._partial
+        if len(partial) > MAX_LINE + 1:
+            self._fail(LINE_TOO_LONG)
+            # Only the tail can still begin the end marker; keep that much.
+            self._partial = partial[-4:]
+            return
+        if b"\n" in partial or b"\r" in partial[:-1]:
+            self._fail(BARE_LINE_ENDING)
+
+    def _take(self, lines: bytes) -> None:
+        """Handle complete lines, each ending in CRLF."""
+        if self.fault is not None:
+            return
+        count = lines.count(b"\r\n")
+        if lines.count(b"\r") != count or lines.count(b"\n") != count:
+            self._fail(BARE_LINE_ENDING)
+            return
+        if len(lines) > MAX_LINE + 2 and _longest_line(lines) > MAX_LINE:
+            self._fail(LINE_TOO_LONG)
+            return
+        body = lines.replace(b"\r\n", b"\n")
+        if body.startswith(b".") or b"\n." in body:
+            body = (b"\n" + body).replace(b"\n.", b"\n")[1:]
+        self.size += len(body)
+        if self.size > self.max_size:
+            self._fail(TOO_BIG)
+            return
+        self.sink(body)
+
+    def _fail(self, fault: str) -> None:
+        if self.fault is None:
+            self.fault = fault
+
+
+def _longest_line(lines: bytes) -> int:
+    return max(map(len, lines.split(b"\r\n")))

@@ -1,0 +1,196 @@
+"""Who may send what where: the cred realm and the per-transaction policy.
+
+Every session, anonymous or authenticated, logs in through the portal with
+its ``Session`` as the cred *mind*; the realm answers with an
+``IMessageDeliveryFactory`` bound to that session and avatar, and each MAIL
+gets a fresh ``Transaction`` (Twisted's ``IMessageDelivery``), which decides
+on each recipient:
+
+* a local domain: resolved through the directory (550 5.1.1 if unknown);
+* any other domain: relayed if the client is in ``[relay] networks`` or
+  authenticated, else 554 5.7.1.  Relayed recipients go to the queue.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from twisted.cred.checkers import ANONYMOUS
+from twisted.cred.portal import IRealm
+from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory
+from twisted.mail.smtp import SMTPServerError
+from zope.interface import Attribute, implementer
+
+from twisted_mta.delivery.directory import (
+    AliasLoop,
+    Directory,
+    Mailbox,
+    UnknownRecipient,
+    UnsafeMailboxName,
+)
+from twisted_mta.queue.spool import Envelope, IncomingMessage, Spool, new_queue_id
+from twisted_mta.smtp.received import TraceInfo, received_header
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Refusal(SMTPServerError):
+    """A reply the server sends as it is: ``code`` and ``enhanced text``."""
+
+    def __init__(self, code: int, enhanced: str, text: str) -> None:
+        super().__init__(code, f"{enhanced} {text}")
+
+
+class ITransactionDelivery(IMessageDelivery):
+    """An ``IMessageDelivery`` that stores one copy for all its recipients.
+
+    The server prefers ``open_message`` to Twisted's one ``IMessage`` per
+    recipient, which costs lines x recipients calls on the reactor.
+    """
+
+    queue_id = Attribute("The id of this transaction, in logs and headers.")
+
+    def open_message(received: bytes) -> IncomingMessage:
+        """Start the message for every accepted recipient."""
+
+
+@dataclass
+class Session:
+    """What the server knows about a connection; the cred mind."""
+
+    listener: str
+    client_ip: str
+    helo: bytes | None = None
+    esmtp: bool = False
+    tls: str | None = None
+
+    def client_in(self, networks: Sequence[Network]) -> bool:
+        try:
+            address = ipaddress.ip_address(self.client_ip)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in networks)
+
+
+@dataclass(frozen=True)
+class MailSystem:
+    """The parts every transaction needs."""
+
+    hostname: str
+    directory: Directory
+    spool: Spool
+    relay_networks: Sequence[Network]
+
+
+@implementer(IRealm)
+@dataclass(frozen=True)
+class MailRealm:
+    """Avatars are delivery factories bound to a session and a login."""
+
+    system: MailSystem
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        if IMessageDeliveryFactory not in interfaces:
+            raise NotImplementedError("only IMessageDeliveryFactory is offered")
+        user = None if avatarId is ANONYMOUS else _text(avatarId)
+        factory = SessionDelivery(self.system, mind, user)
+        return IMessageDeliveryFactory, factory, _no_logout
+
+
+def _no_logout() -> None:
+    return None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+@implementer(IMessageDeliveryFactory)
+@dataclass(frozen=True)
+class SessionDelivery:
+    system: MailSystem
+    session: Session
+    user: str | None
+
+    def getMessageDelivery(self) -> "Transaction":
+        return Transaction(self.system, self.session, self.user)
+
+
+@implementer(ITransactionDelivery)
+@dataclass
+class Transaction:
+    """One MAIL ... DATA exchange and where its recipients' mail goes."""
+
+    system: MailSystem
+    session: Session
+    user: str | None
+    queue_id: str = field(default_factory=new_queue_id)
+    sender: str = ""
+    utf8: bool = False
+    body: str = "7BIT"
+    mailboxes: dict[Mailbox, str] = field(default_factory=dict)
+    remote: list[str] = field(default_factory=list)
+    recipients: list[str] = field(default_factory=list)
+
+    def validateFrom(self, helo, origin):
+        self.sender = str(origin)
+        return origin
+
+    def validateTo(self, user) -> Callable[[], IncomingMessage]:
+        address = user.dest
+        local = address.local.decode("utf-8")
+        domain = address.domain.decode("utf-8") or self.system.hostname
+        if self.system.directory.is_local(domain):
+            self._accept_local(local, domain)
+        elif self.user is not None or self.session.client_in(self.system.relay_networks):
+            self.remote.append(f"{local}@{domain}")
+        else:
+            raise Refusal(554, "5.7.1", f"<{address}>: Relay access denied")
+        self.recipients.append(f"{local}@{domain}")
+        return lambda: self.open_message(self.receivedHeader(user.helo, user.orig, [user]))
+
+    def _accept_local(self, local: str, domain: str) -> None:
+        try:
+            resolution = self.system.directory.resolve(local, domain)
+        except UnknownRecipient:
+            raise Refusal(550, "5.1.1", f"<{local}@{domain}>: Recipient address rejected: User unknown")
+        except AliasLoop:
+            raise Refusal(550, "5.4.6", f"<{local}@{domain}>: Alias expansion loop")
+        except UnsafeMailboxName:
+            raise Refusal(550, "5.1.3", "Recipient address rejected: bad mailbox name")
+        for mailbox, delivered_to in resolution.mailboxes.items():
+            self.mailboxes.setdefault(mailbox, delivered_to)
+        self.remote.extend(r for r in sorted(resolution.remote) if r not in self.remote)
+
+    def receivedHeader(self, helo, origin, recipients) -> bytes:
+        single = self.recipients[0] if len(self.recipients) == 1 else None
+        return received_header(
+            TraceInfo(
+                helo=self.session.helo,
+                client_ip=self.session.client_ip,
+                hostname=self.system.hostname,
+                queue_id=self.queue_id,
+                esmtp=self.session.esmtp,
+                tls=self.session.tls,
+                user=self.user,
+                recipient=single,
+                utf8=self.utf8,
+            )
+        )
+
+    def open_message(self, received: bytes) -> IncomingMessage:
+        envelope = Envelope(
+            sender=self.sender,
+            remote=tuple(self.remote),
+            client={"ip": self.session.client_ip, "listener": self.session.listener},
+            body=self.body,
+            smtputf8=self.utf8,
+            authenticated=self.user,
+        )
+        return self.system.spool.open_message(
+            self.queue_id, self.mailboxes, envelope, received
+        )

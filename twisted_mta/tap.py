@@ -1,0 +1,36 @@
+"""The ``twistd mta`` command line."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.cred import credentials, strcred
+from twisted.python import usage
+
+from twisted_mta.config import ConfigError, load_config
+from twisted_mta.service import build_service
+
+
+class Options(usage.Options, strcred.AuthOptionMixin):
+    synopsis = "[--config FILE] [--auth CHECKER ...]"
+    longdesc = (
+        "Run the twisted-mta mail server.  The config is --config FILE, else "
+        "$TWISTED_MTA_CONFIG, else the embedded defaults (127.0.0.1 only)."
+    )
+    optParameters = [
+        ["config", "c", None, "the TOML config file"],
+    ]
+    supportedInterfaces = [
+        credentials.IUsernamePassword,
+        credentials.IUsernameHashedPassword,
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self["mta_config"] = load_config(self["config"], os.environ)
+        except ConfigError as error:
+            raise SystemExit(f"twistd mta: {error}") from None
+
+
+def makeService(options: Options):
+    return build_service(options["mta_config"], options.get("credCheckers", []))

@@ -1,0 +1,97 @@
+"""Server TLS: the configured certificate, or a self-signed one made once.
+
+TLS 1.2 is the floor (RFC 8314 and current practice); ciphers are
+Twisted's defaults, which allow only forward-secret AEAD suites.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import crypto
+from twisted.internet.ssl import CertificateOptions, TLSVersion
+
+
+class TLSError(Exception):
+    """The certificate or key cannot be used; one line, naming the file."""
+
+
+def server_context(
+    certificate: Path | None, private_key: Path | None, tls_dir: Path, hostname: str
+) -> CertificateOptions:
+    """Options for STARTTLS and implicit TLS listeners."""
+    if certificate is None or private_key is None:
+        certificate, private_key = self_signed(tls_dir, hostname)
+    chain = _load_chain(certificate)
+    key = _load_key(private_key)
+    return CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(key),
+        certificate=crypto.X509.from_cryptography(chain[0]),
+        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+    )
+
+
+def _load_chain(path: Path) -> list[x509.Certificate]:
+    try:
+        chain = x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError) as error:
+        raise TLSError(f"{path}: cannot load certificate: {error}") from None
+    return chain
+
+
+def _load_key(path: Path):
+    try:
+        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as error:
+        raise TLSError(f"{path}: cannot load private key: {error}") from None
+
+
+def self_signed(tls_dir: Path, hostname: str) -> tuple[Path, Path]:
+    """Return (certificate, key) under ``tls_dir``, making them if missing."""
+    certificate = tls_dir / "selfsigned.pem"
+    key_path = tls_dir / "selfsigned.key"
+    if certificate.exists() and key_path.exists():
+        return certificate, key_path
+    os.makedirs(tls_dir, 0o700, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), False)
+        .sign(key, hashes.SHA256())
+    )
+    _write_private(
+        key_path,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    _write_private(certificate, cert.public_bytes(serialization.Encoding.PEM))
+    return certificate, key_path
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    temporary = path.with_suffix(".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, path)
