@@ -1,0 +1,57 @@
+"""The twisted-mta command and the twistd plugin, as installed."""
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def run(*args, cwd=None, env=None):
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]], capture_output=True, text=True, cwd=cwd, env=env
+    )
+
+
+def test_check_config_prints_effective_config():
+    result = run("twisted-mta", "check-config", "--config", str(REPO / "etc" / "mta.toml"))
+    assert result.returncode == 0, result.stderr
+    effective = tomllib.loads(result.stdout)
+    assert effective["hostname"] == "mx.example.test"
+    assert effective["limits"]["max_message_size"] == 25 * 1024 * 1024
+    assert effective["spool"] == str((REPO / "var").resolve())
+
+
+def test_check_config_refuses_bad_config_in_one_line(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('[limits]\nmax_recipients = "ten"\n')
+    result = run("twisted-mta", "check-config", "--config", str(config))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert str(config) in line and "limits.max_recipients" in line
+
+
+def test_twistd_refuses_bad_config_without_binding(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('hostname = "mx.example.test"\nbogus = 1\n')
+    result = run("twistd", "-n", "--pidfile=", "mta", "--config", str(config), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "bogus" in result.stderr and str(config) in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "var").exists()
+
+
+def test_twistd_lists_the_mta_plugin_and_its_options():
+    result = run("twistd", "mta", "--help")
+    assert result.returncode == 0
+    assert "--config" in result.stdout and "--auth" in result.stdout
+
+
+def test_plugin_found_from_any_directory(tmp_path):
+    """The editable install keeps twisted/plugins/ visible to twistd."""
+    result = run("twistd", "--help", cwd=tmp_path)
+    assert re.search(r"^\s+mta\s+An ESMTP mail transfer agent", result.stdout, re.M)
