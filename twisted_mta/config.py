@@ -119,6 +119,7 @@ class AuthConfig:
     mechanisms: tuple[str, ...]
     require_tls: bool
     received_user: bool
+    failure_delay: float
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,7 @@ _DEFAULTS: dict[str, Any] = {
         "mechanisms": list(MECHANISMS),
         "require_tls": True,
         "received_user": False,
+        "failure_delay": "1s",
     },
     "relay": {
         "networks": ["127.0.0.0/8", "::1/128"],
@@ -427,6 +429,7 @@ def _parsers(base: Path, check_files: bool) -> dict[str, dict[str, _Parser]]:
             "mechanisms": _mechanisms,
             "require_tls": _boolean,
             "received_user": _boolean,
+            "failure_delay": parse_duration,
         },
         "relay": {
             "networks": _networks,

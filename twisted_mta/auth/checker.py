@@ -1,0 +1,101 @@
+"""The users-file credentials checker.
+
+It verifies PLAIN and LOGIN logins (``IUsernamePassword``) against every
+scheme of the file, and CRAM-MD5 logins (``IUsernameHashedPassword``
+carrying a challenge and a response) against ``{CRAM-MD5}`` contexts and
+``{PLAIN}`` passwords.  Slow hashes are checked in Twisted's thread pool so
+one login cannot stall other sessions; an unknown user costs the same
+argon2 work as a known one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, threads
+from zope.interface import implementer
+
+from twisted_mta.delivery.directory import Directory
+from twisted_mta.auth.passwords import StoredPassword, UnknownScheme, dummy_verify
+
+
+@implementer(ICredentialsChecker)
+class UsersFileChecker:
+    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
+
+    def __init__(self, users: Callable[[], Mapping[str, str]]) -> None:
+        self._users = users
+
+    def requestAvatarId(self, credentials) -> defer.Deferred:
+        login = credentials.username.decode("utf-8", "replace").lower()
+        stored = self._stored(login)
+        if hasattr(credentials, "check_context"):
+            context = stored.cram_context() if stored else None
+            if context is not None and credentials.check_context(context):
+                return defer.succeed(login.encode("utf-8"))
+            return defer.fail(UnauthorizedLogin())
+        if stored is None:
+            d = threads.deferToThread(dummy_verify, credentials.password)
+            d.addCallback(lambda _: False)
+        elif stored.is_slow:
+            d = threads.deferToThread(stored.verify, credentials.password)
+        else:
+            d = defer.succeed(stored.verify(credentials.password))
+        return d.addCallback(_avatar_or_refusal, login)
+
+    def _stored(self, login: str) -> StoredPassword | None:
+        field = self._users().get(login)
+        if field is None:
+            return None
+        try:
+            return StoredPassword.parse(field)
+        except UnknownScheme:
+            return None
+
+
+def _avatar_or_refusal(matched: bool, login: str) -> bytes:
+    if not matched:
+        raise UnauthorizedLogin()
+    return login.encode("utf-8")
+
+
+@implementer(ICredentialsChecker)
+class FirstMatch:
+    """Ask several checkers in turn; the first that accepts wins.
+
+    A cred Portal keeps one checker per credentials interface, but the users
+    file and every ``--auth`` checker must all be consulted.
+    """
+
+    def __init__(self, checkers: list) -> None:
+        self.checkers = checkers
+        self.credentialInterfaces = tuple(
+            {i for checker in checkers for i in checker.credentialInterfaces}
+        )
+
+    def requestAvatarId(self, credentials) -> defer.Deferred:
+        candidates = [
+            checker
+            for checker in self.checkers
+            if any(i.providedBy(credentials) for i in checker.credentialInterfaces)
+        ]
+        return self._try(candidates, credentials)
+
+    @defer.inlineCallbacks
+    def _try(self, candidates, credentials):
+        for checker in candidates:
+            try:
+                avatar = yield defer.maybeDeferred(checker.requestAvatarId, credentials)
+            except UnauthorizedLogin:
+                continue
+            return avatar
+        raise UnauthorizedLogin()
+
+
+def users_file_checker(path: str) -> UsersFileChecker:
+    """A checker on its own watched copy of the users file at ``path``."""
+    return UsersFileChecker(Directory(frozenset(), users_file=Path(path)).users)

@@ -1,0 +1,56 @@
+"""Changing the users file: add or replace one account's line atomically.
+
+Comments, blank lines and every other line are kept byte for byte; the new
+file replaces the old by rename after an fsync, so a crash leaves either
+the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+
+def set_password_line(path: Path, address: str, field: str) -> bool:
+    """Write ``address:field`` into ``path``; return True if it replaced a line."""
+    lines = path.read_bytes().splitlines(keepends=True) if path.exists() else []
+    entry = f"{address}:{field}\n".encode("utf-8")
+    replaced = False
+    for index, line in enumerate(lines):
+        if _account_of(line) == address.lower():
+            if not replaced:
+                lines[index] = entry
+            else:
+                lines[index] = b""
+            replaced = True
+    if not replaced:
+        if lines and not lines[-1].endswith(b"\n"):
+            lines[-1] += b"\n"
+        lines.append(entry)
+    _replace(path, b"".join(lines))
+    return replaced
+
+
+def _account_of(line: bytes) -> str | None:
+    text = line.split(b"#", 1)[0].strip()
+    if b":" not in text:
+        return None
+    return text.split(b":", 1)[0].strip().decode("utf-8", "replace").lower()
+
+
+def _replace(path: Path, content: bytes) -> None:
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o600
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.write(fd, content)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
