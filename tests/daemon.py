@@ -180,3 +180,26 @@ def running_daemon(root: Path, **kwargs) -> Iterator[Daemon]:
         yield daemon
     finally:
         daemon.stop()
+
+
+_QUEUED = re.compile(rb"queued as (\w+)")
+
+
+def send(daemon: Daemon, sender: str, recipients: list[str], message: bytes) -> str:
+    """Send one message whose recipients must all be accepted; its queue id."""
+    with daemon.smtp() as client:
+        client.ehlo("client.example.org")
+        assert client.mail(sender)[0] == 250
+        for recipient in recipients:
+            reply = client.rcpt(recipient)
+            assert reply[0] == 250, (recipient, reply)
+        code, text = client.data(message)
+    assert code == 250, (code, text)
+    return queue_id(text)
+
+
+def queue_id(reply: bytes) -> str:
+    """The id in a ``250 2.0.0 Ok: queued as ID`` reply."""
+    match = _QUEUED.search(reply)
+    assert match, reply
+    return match.group(1).decode()

@@ -13,11 +13,15 @@ from twisted.internet.error import CannotListenError
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import log
 
+from twisted_mta.auth.checker import FirstMatch, UsersFileChecker
+from twisted_mta.auth.mechanisms import challengers
+from twisted_mta.auth.throttle import AuthThrottle
 from twisted_mta.config import Config
 from twisted_mta.delivery.directory import Directory
 from twisted_mta.queue.committer import Committer
 from twisted_mta.queue.spool import Spool
 from twisted_mta.smtp.policy import MailRealm, MailSystem
+from twisted_mta.smtp.sasl import usable_mechanisms
 from twisted_mta.smtp.server import ConnectionLimits, MTAFactory, ServerSettings
 from twisted_mta.tls import TLSError, server_context
 
@@ -71,15 +75,24 @@ def build_service(config: Config, checkers: Sequence = ()) -> service.MultiServi
     committer = Committer(reactor)
     CommitterService(committer).setServiceParent(top)
     spool = Spool(config.mail_dir, config.queue_dir, committer)
-    spool.prepare()
+    try:
+        spool.prepare()
+    except OSError as error:
+        raise SystemExit(
+            f"twistd mta: cannot prepare {error.filename or config.queue_dir}: {error.strerror}"
+        ) from None
     directory = Directory(
         frozenset(config.domains.local),
         config.domains.recipient_delimiter,
         config.users.file,
         config.aliases.file,
     )
-    system = MailSystem(config.hostname, directory, spool, config.relay.networks)
-    portal = Portal(MailRealm(system), [AllowAnonymousAccess(), *checkers])
+    system = MailSystem(
+        config.hostname, directory, spool, config.relay.networks, config.auth.received_user
+    )
+    portal = _portal(MailRealm(system), directory, config, checkers)
+    mechanisms = usable_mechanisms(challengers(config.auth.mechanisms, config.hostname), portal)
+    throttle = AuthThrottle(config.auth.failure_delay)
     try:
         context = server_context(
             config.tls.certificate, config.tls.private_key, config.tls_dir, config.hostname
@@ -92,7 +105,7 @@ def build_service(config: Config, checkers: Sequence = ()) -> service.MultiServi
     for kind in LISTENERS:
         settings = _settings(config, kind)
         for description in getattr(config.listen, kind):
-            factory = MTAFactory(portal, settings, limits, context)
+            factory = MTAFactory(portal, settings, limits, context, mechanisms, throttle)
             if settings.implicit_tls:
                 factory = TLSMemoryBIOFactory(context, False, factory)
             ListenerService(kind, description, factory).setServiceParent(top)
@@ -101,6 +114,17 @@ def build_service(config: Config, checkers: Sequence = ()) -> service.MultiServi
         f"config={config.source or '(defaults)'}"
     )
     return top
+
+
+def _portal(realm: MailRealm, directory: Directory, config: Config, extra: Sequence) -> Portal:
+    """Anonymous sessions, plus logins checked by the users file and --auth."""
+    password_checkers = list(extra)
+    if config.users.file is not None:
+        password_checkers.insert(0, UsersFileChecker(directory.users))
+    checkers = [AllowAnonymousAccess()]
+    if password_checkers:
+        checkers.append(FirstMatch(password_checkers))
+    return Portal(realm, checkers)
 
 
 def _settings(config: Config, kind: str) -> ServerSettings:
@@ -114,4 +138,6 @@ def _settings(config: Config, kind: str) -> ServerSettings:
         max_errors=limits.max_errors,
         require_auth=kind != "smtp",
         implicit_tls=kind == "submissions",
+        auth_requires_tls=config.auth.require_tls,
+        max_auth_failures=limits.max_auth_failures,
     )

@@ -17,7 +17,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, threads
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementer, providedBy
 
 from twisted_mta.delivery.directory import Directory
 from twisted_mta.auth.passwords import StoredPassword, UnknownScheme, dummy_verify
@@ -31,7 +31,7 @@ class UsersFileChecker:
         self._users = users
 
     def requestAvatarId(self, credentials) -> defer.Deferred:
-        login = credentials.username.decode("utf-8", "replace").lower()
+        login = _text(credentials.username).lower()
         stored = self._stored(login)
         if hasattr(credentials, "check_context"):
             context = stored.cram_context() if stored else None
@@ -39,12 +39,12 @@ class UsersFileChecker:
                 return defer.succeed(login.encode("utf-8"))
             return defer.fail(UnauthorizedLogin())
         if stored is None:
-            d = threads.deferToThread(dummy_verify, credentials.password)
+            d = threads.deferToThread(dummy_verify, _bytes(credentials.password))
             d.addCallback(lambda _: False)
         elif stored.is_slow:
-            d = threads.deferToThread(stored.verify, credentials.password)
+            d = threads.deferToThread(stored.verify, _bytes(credentials.password))
         else:
-            d = defer.succeed(stored.verify(credentials.password))
+            d = defer.succeed(stored.verify(_bytes(credentials.password)))
         return d.addCallback(_avatar_or_refusal, login)
 
     def _stored(self, login: str) -> StoredPassword | None:
@@ -55,6 +55,14 @@ class UsersFileChecker:
             return StoredPassword.parse(field)
         except UnknownScheme:
             return None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode("utf-8") if isinstance(value, str) else value
 
 
 def _avatar_or_refusal(matched: bool, login: str) -> bytes:
@@ -87,13 +95,35 @@ class FirstMatch:
 
     @defer.inlineCallbacks
     def _try(self, candidates, credentials):
+        text = _TextCredentials(credentials)
         for checker in candidates:
-            try:
-                avatar = yield defer.maybeDeferred(checker.requestAvatarId, credentials)
-            except UnauthorizedLogin:
-                continue
-            return avatar
+            # strcred's checkers disagree on types: "file" keys its users by
+            # bytes, "memory" by str; each gets both forms to look at.
+            for form in (credentials, text):
+                try:
+                    avatar = yield defer.maybeDeferred(checker.requestAvatarId, form)
+                except UnauthorizedLogin:
+                    continue
+                return avatar
         raise UnauthorizedLogin()
+
+
+class _TextCredentials:
+    """The same credentials with a str user name and password."""
+
+    def __init__(self, credentials) -> None:
+        directlyProvides(self, *providedBy(credentials))
+        self._credentials = credentials
+        self.username = _text(credentials.username)
+        password = getattr(credentials, "password", None)
+        if password is not None:
+            self.password = _text(password)
+
+    def checkPassword(self, password) -> bool:
+        return self._credentials.checkPassword(_bytes(password))
+
+    def __getattr__(self, name: str):
+        return getattr(self._credentials, name)
 
 
 def users_file_checker(path: str) -> UsersFileChecker:

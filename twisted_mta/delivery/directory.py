@@ -5,23 +5,39 @@ Lookup order for ``local@domain`` (local parts are case-insensitive): the
 exact ``local@domain`` alias, the bare ``local`` alias, the account, each
 tried for the full local part and then for it without its ``+tag``; then the
 domain's catch-all ``@domain``; then ``postmaster``, which always exists.
-Aliases expand recursively up to ``MAX_DEPTH``; an alias that comes back to
-itself delivers to the account of that name if there is one, else it is a
-loop.  Both files are re-read when their modification time changes.
+Aliases expand recursively, at most ``MAX_DEPTH`` aliases deep; an alias
+that comes back to itself delivers to the mailbox of that name if there is
+one (``alice: alice, archive@example.org``), else it is a loop.  Both files
+are re-read when they change.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from twisted.python import log
 
 from twisted_mta.delivery.maildir import UnsafeMailboxName, check_path_component
+from twisted_mta.smtp.address import Address
 
 MAX_DEPTH = 10
+POSTMASTER = "postmaster"
+
+# A file changed twice within one timestamp tick keeps its mtime; a file
+# younger than this is read again at the next lookup instead of trusted.
+_RACY_SECONDS = 2.0
+# An alias target is an address or a bare local part; no pipes, files,
+# :include:, quoting, or anything that could break a header or a command.
+_TARGET_PART = r'[^\s<>()\[\]\\,;:"@|/\x00-\x1f\x7f]+'
+_TARGET = re.compile(rf"{_TARGET_PART}(?:@{_TARGET_PART})?")
+
+T = TypeVar("T")
 
 
 class UnknownRecipient(LookupError):
@@ -50,39 +66,49 @@ class Resolution:
 
     ``mailboxes`` maps each local Maildir to the address written in its
     Delivered-To header; ``remote`` holds forwarding addresses to relay.
+    Both are in the form an SMTP path takes (quoted where needed).
     """
 
     mailboxes: Mapping[Mailbox, str]
     remote: frozenset[str]
 
 
-class _WatchedFile:
-    """A file parsed again whenever its modification time changes."""
+class _WatchedFile(Generic[T]):
+    """A file parsed again whenever its modification time, size or inode
+    changes.  A missing or unreadable file keeps the last good copy."""
 
-    def __init__(self, path: Path | None, parse) -> None:
+    def __init__(self, path: Path | None, parse: Callable[[list[str]], T]) -> None:
         self._path = path
         self._parse = parse
         self._stamp: tuple[int, int, int] | None = None
         self._value = parse([])
+        self._problem: str | None = None
 
-    def get(self):
+    def get(self) -> T:
         if self._path is None:
             return self._value
         try:
             info = os.stat(self._path)
-        except OSError as error:
-            log.msg(f"cannot read {self._path}: {error.strerror}; keeping the last copy")
-            return self._value
-        stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
-        if stamp != self._stamp:
-            try:
+            stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
+            if stamp != self._stamp:
                 with open(self._path, encoding="utf-8") as lines:
                     self._value = self._parse(list(lines))
-            except (OSError, UnicodeDecodeError) as error:
-                log.msg(f"cannot read {self._path}: {error}; keeping the last copy")
-                return self._value
-            self._stamp = stamp
+                self._stamp = None if _is_racy(info.st_mtime_ns) else stamp
+        except (OSError, UnicodeDecodeError) as error:
+            self._report(f"cannot read {self._path}: {error}; keeping the last copy")
+        else:
+            self._report(None)
         return self._value
+
+    def _report(self, problem: str | None) -> None:
+        """Log a problem once, not at every lookup."""
+        if problem is not None and problem != self._problem:
+            log.msg(problem)
+        self._problem = problem
+
+
+def _is_racy(mtime_ns: int) -> bool:
+    return time.time() - mtime_ns / 1e9 < _RACY_SECONDS
 
 
 def _content_lines(lines: Iterable[str]) -> Iterable[tuple[int, str]]:
@@ -102,16 +128,29 @@ def parse_users(lines: Iterable[str]) -> dict[str, str]:
 
 
 def parse_aliases(lines: Iterable[str]) -> dict[str, tuple[str, ...]]:
-    """``key -> targets``; keys are ``local``, ``local@domain`` or ``@domain``."""
+    """``key -> targets``; keys are ``local``, ``local@domain`` or ``@domain``.
+
+    Keys are lower-cased; targets keep their case, which matters for the
+    local part of a remote address.  Targets that are not addresses are
+    dropped with a log line.
+    """
     aliases: dict[str, tuple[str, ...]] = {}
     for number, text in _content_lines(lines):
         key, colon, rest = text.partition(":")
-        targets = tuple(t.strip().lower() for t in rest.split(",") if t.strip())
+        targets = tuple(_valid_targets(number, rest.split(",")))
         if not colon or not key.strip() or not targets:
             log.msg(f"aliases line {number} ignored: expected 'name: target, ...'")
             continue
         aliases[key.strip().lower()] = targets
     return aliases
+
+
+def _valid_targets(number: int, targets: Iterable[str]) -> Iterable[str]:
+    for target in (t.strip() for t in targets):
+        if _TARGET.fullmatch(target):
+            yield target
+        elif target:
+            log.msg(f"aliases line {number}: target {target!r} ignored: not a mail address")
 
 
 @dataclass
@@ -122,8 +161,8 @@ class Directory:
     delimiter: str = "+"
     users_file: Path | None = None
     aliases_file: Path | None = None
-    _users: _WatchedFile = field(init=False)
-    _aliases: _WatchedFile = field(init=False)
+    _users: _WatchedFile[dict[str, str]] = field(init=False)
+    _aliases: _WatchedFile[dict[str, tuple[str, ...]]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.local_domains = frozenset(d.lower() for d in self.local_domains)
@@ -140,62 +179,31 @@ class Directory:
     def is_account(self, address: str) -> bool:
         return address.lower() in self._users.get()
 
+    def postmaster_domain(self, hostname: str) -> str:
+        """The domain of a bare ``RCPT TO:<postmaster>`` (RFC 5321 4.5.1).
+
+        This host's name if it is a local domain, else the first local
+        domain by name, so that the mail lands where the admin looks.
+        """
+        hostname = hostname.lower()
+        if self.is_local(hostname) or not self.local_domains:
+            return hostname
+        return min(self.local_domains)
+
     def resolve(self, local: str, domain: str) -> Resolution:
         """Expand ``local@domain`` (a local domain) into its destinations.
 
-        Raises UnknownRecipient, AliasLoop, or UnsafeMailboxName for names
-        that could not be a directory under the spool.
+        Raises UnknownRecipient, AliasLoop, or UnsafeMailboxName for a local
+        part that could not be a directory under the spool, even if an
+        alias or the catch-all would take it.
         """
-        mailboxes: dict[Mailbox, str] = {}
-        remote: set[str] = set()
-        self._expand(local.lower(), domain.lower(), (), mailboxes, remote)
-        return Resolution(mailboxes, frozenset(remote))
+        local = check_path_component(local.lower())
+        expansion = _Expansion(self, self._users.get(), self._aliases.get())
+        expansion.expand(local, domain.lower(), ())
+        return Resolution(expansion.mailboxes, frozenset(expansion.remote))
 
-    def _expand(self, local, domain, chain, mailboxes, remote) -> None:
-        address = f"{local}@{domain}"
-        if len(chain) >= MAX_DEPTH:
-            raise AliasLoop(address)
-        users = self._users.get()
-        if address in chain:
-            if address not in users:
-                raise AliasLoop(address)
-            mailboxes.setdefault(_mailbox(local, domain), address)
-            return
-        targets = self._alias_targets(local, domain)
-        if targets is None:
-            mailboxes.setdefault(self._final_mailbox(local, domain, users), address)
-            return
-        for target in targets:
-            target_local, at, target_domain = target.rpartition("@")
-            if not at:
-                target_local, target_domain = target, domain
-            if self.is_local(target_domain):
-                self._expand(
-                    target_local, target_domain, chain + (address,), mailboxes, remote
-                )
-            else:
-                remote.add(f"{target_local}@{target_domain}")
-
-    def _alias_targets(self, local: str, domain: str) -> tuple[str, ...] | None:
-        aliases = self._aliases.get()
-        users = self._users.get()
-        for candidate in self._candidates(local):
-            for key in (f"{candidate}@{domain}", candidate):
-                if key in aliases:
-                    return aliases[key]
-            if f"{candidate}@{domain}" in users:
-                return None
-        return aliases.get(f"@{domain}")
-
-    def _final_mailbox(self, local: str, domain: str, users: Mapping) -> Mailbox:
-        for candidate in self._candidates(local):
-            if f"{candidate}@{domain}" in users:
-                return _mailbox(candidate, domain)
-        if local == "postmaster":
-            return _mailbox(local, domain)
-        raise UnknownRecipient(f"{local}@{domain}")
-
-    def _candidates(self, local: str) -> tuple[str, ...]:
+    def candidates(self, local: str) -> tuple[str, ...]:
+        """``local``, then ``local`` without its ``+tag`` if it has one."""
         if self.delimiter and self.delimiter in local:
             base = local.split(self.delimiter, 1)[0]
             if base:
@@ -203,10 +211,72 @@ class Directory:
         return (local,)
 
 
-def _mailbox(local: str, domain: str) -> Mailbox:
-    check_path_component(domain)
-    check_path_component(local)
-    return Mailbox(domain, local)
+@dataclass
+class _Expansion:
+    """One recipient's alias expansion, against one snapshot of the files."""
+
+    directory: Directory
+    users: Mapping[str, str]
+    aliases: Mapping[str, tuple[str, ...]]
+    mailboxes: dict[Mailbox, str] = field(default_factory=dict)
+    remote: set[str] = field(default_factory=set)
+
+    def expand(self, local: str, domain: str, chain: tuple[str, ...]) -> None:
+        """Add the destinations of ``local@domain``; ``chain`` holds the
+        aliases that led here."""
+        address = f"{local}@{domain}"
+        if address in chain:
+            self._deliver(local, domain, AliasLoop)
+            return
+        targets = self._alias_targets(local, domain)
+        if targets is None:
+            self._deliver(local, domain, UnknownRecipient)
+            return
+        if len(chain) >= MAX_DEPTH:
+            raise AliasLoop(address)
+        for target in targets:
+            self._follow(target, domain, chain + (address,))
+
+    def _follow(self, target: str, domain: str, chain: tuple[str, ...]) -> None:
+        """A bare local part stays in the domain of the alias it came from."""
+        target_local, at, target_domain = target.rpartition("@")
+        if not at:
+            target_local, target_domain = target, domain
+        target_domain = target_domain.lower()
+        if self.directory.is_local(target_domain):
+            self.expand(target_local.lower(), target_domain, chain)
+        else:
+            self.remote.add(_path(target_local, target_domain))
+
+    def _alias_targets(self, local: str, domain: str) -> tuple[str, ...] | None:
+        """The targets of the first alias in lookup order; None when an
+        account (or postmaster, or nothing) comes first."""
+        for candidate in self.directory.candidates(local):
+            for key in (f"{candidate}@{domain}", candidate):
+                if key in self.aliases:
+                    return self.aliases[key]
+            if f"{candidate}@{domain}" in self.users:
+                return None
+        return self.aliases.get(f"@{domain}")
+
+    def _deliver(self, local: str, domain: str, missing: type[LookupError]) -> None:
+        """Deliver to the account of ``local`` (or postmaster), else raise
+        ``missing``."""
+        candidates = self.directory.candidates(local)
+        for candidate in candidates:
+            if f"{candidate}@{domain}" in self.users:
+                break
+        else:
+            if POSTMASTER not in candidates:
+                raise missing(f"{local}@{domain}")
+            candidate = POSTMASTER
+        mailbox = Mailbox(check_path_component(domain), check_path_component(candidate))
+        self.mailboxes.setdefault(mailbox, _path(local, domain))
+
+
+def _path(local: str, domain: str) -> str:
+    """``local@domain`` as SMTP writes it, quoting the local part if needed."""
+    return str(Address(local.encode("utf-8"), domain.encode("utf-8")))
 
 
 __all__ = [

@@ -7,6 +7,9 @@ renamed into ``new/`` by the committer, under a name unique across hosts,
 processes, restarts and clock jumps::
 
     <sec>.M<usec>P<pid>V<dev>I<ino>_<seq>.<host>,S=<size>
+
+``,S=`` is the size of the file as stored, which lets Dovecot and other
+readers skip a stat.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from twisted_mta.queue.committer import fsync_directory
+from twisted_mta.queue.committer import fsync_directory, make_directories
 
+# Readable too: the copies for other mailboxes are taken from the first file.
+CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SUBDIRECTORIES = ("tmp", "new", "cur")
+_NAME_MAX = 255  # bytes in one directory entry on Linux file systems
 _sequence = itertools.count()
 
 
@@ -37,6 +43,7 @@ def check_path_component(name: str) -> str:
         or "/" in name
         or "\\" in name
         or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name)
+        or len(name.encode()) > _NAME_MAX
     ):
         raise UnsafeMailboxName(name)
     return name
@@ -51,61 +58,55 @@ def ensure_maildir(path: Path) -> None:
     """Create ``path`` with tmp/new/cur (mode 0700) and make it durable."""
     if (path / "new").is_dir() and (path / "tmp").is_dir():
         return
-    created = _make_directories(path)
+    make_directories(path)
     for sub in _SUBDIRECTORIES:
         try:
             os.mkdir(path / sub, 0o700)
         except FileExistsError:
             continue
     fsync_directory(str(path))
-    for directory in created:
-        fsync_directory(str(directory.parent))
 
 
-def _make_directories(path: Path) -> list[Path]:
-    """Like ``os.makedirs`` but return what was made, to fsync its parents."""
-    missing = []
-    probe = path
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            pass
-    return missing
+def _maildir_safe(hostname: str) -> str:
+    """The host part of a Maildir name: '/' would be a path, ':' starts the
+    flags and ',' the ``S=`` field, so they are written as octal escapes."""
+    for char in "\\/:,":
+        hostname = hostname.replace(char, f"\\{ord(char):03o}")
+    return hostname
 
 
-_hostname = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+_hostname = _maildir_safe(socket.gethostname())
 
 
 @dataclass
 class TemporaryFile:
-    """An open file in a Maildir's ``tmp/``, not yet delivered."""
+    """An open file in a Maildir's ``tmp/``, not yet delivered.
+
+    ``unique`` is the final base name without its size.
+    """
 
     fd: int
     path: str
     maildir: Path
-    stem: str
+    unique: str
 
     def final_path(self, size: int) -> str:
-        """The ``new/`` name for this file once it holds ``size`` bytes.
-
-        Device and inode make the name unique even when a restarted process
-        reuses a pid within the same microsecond and counter value.
-        """
-        info = os.fstat(self.fd)
-        unique = self.stem.replace("Q", f"V{info.st_dev:x}I{info.st_ino:x}_", 1)
-        return os.path.join(self.maildir, "new", f"{unique}.{_hostname},S={size}")
+        """The ``new/`` name for this file once it holds ``size`` bytes."""
+        return os.path.join(self.maildir, "new", f"{self.unique},S={size}")
 
 
 def open_temporary(maildir: Path) -> TemporaryFile:
-    """Create a new empty file in ``maildir/tmp``."""
-    now = time.time()
-    seconds = int(now)
-    micro = int((now - seconds) * 1_000_000)
-    stem = f"{seconds}.M{micro}P{os.getpid()}Q{next(_sequence)}"
-    path = str(maildir / "tmp" / f"{stem}.{_hostname}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    return TemporaryFile(os.open(path, flags, 0o600), path, maildir, stem)
+    """Create a new empty file in ``maildir/tmp``.
+
+    The temporary name is unique within this process; the final name adds
+    the device and inode of the file, so that it stays unique even when a
+    restarted process gets the same pid within the same microsecond.
+    """
+    seconds, micro = divmod(time.time_ns() // 1000, 1_000_000)
+    stem = f"{seconds}.M{micro}P{os.getpid()}"
+    sequence = next(_sequence)
+    path = str(maildir / "tmp" / f"{stem}Q{sequence}.{_hostname}")
+    fd = os.open(path, CREATE_FLAGS, 0o600)
+    info = os.fstat(fd)
+    unique = f"{stem}V{info.st_dev:x}I{info.st_ino:x}_{sequence}.{_hostname}"
+    return TemporaryFile(fd, path, maildir, unique)

@@ -16,6 +16,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorThreads
@@ -96,46 +97,52 @@ class Committer:
 
 
 def _flush_batch(batch: list[_Commit]) -> None:
-    directories: set[str] = set()
     for item in batch:
         try:
             _make_durable(item.files)
         except BaseException as error:  # reported to the Deferred, not lost
             item.error = error
-        else:
-            directories.update(os.path.dirname(f.final) for f in item.files)
+    durable = [item for item in batch if item.error is None]
+    directories = {os.path.dirname(f.final) for item in durable for f in item.files}
     for directory in directories:
         try:
             fsync_directory(directory)
         except OSError as error:
-            for item in batch:
-                if item.error is None and any(
-                    os.path.dirname(f.final) == directory for f in item.files
-                ):
-                    item.error = error
+            _fail_commits_in(directory, durable, error)
+
+
+def _fail_commits_in(directory: str, batch: list[_Commit], error: OSError) -> None:
+    """Take back the files of every commit whose ``directory`` may be lost.
+
+    The client will be told to retry, so a copy left in place would be
+    delivered twice.
+    """
+    for item in batch:
+        if item.error is None and any(
+            os.path.dirname(f.final) == directory for f in item.files
+        ):
+            item.error = error
+            for pending in item.files:
+                _unlink_quietly(pending.final)
 
 
 def _make_durable(files: Sequence[PendingFile]) -> None:
+    """Fill, fsync, close and rename ``files``; all of them or none."""
+    renamed: list[PendingFile] = []
     try:
         for pending in files:
             if pending.prepare is not None:
                 pending.prepare()
             os.fsync(pending.fd)
-    except BaseException:
+        # Closed only now: the copies are taken from the first file's fd.
         for pending in files:
-            _close_and_remove(pending)
-        raise
-    for pending in files:
-        os.close(pending.fd)
-        pending.fd = -1
-    renamed: list[PendingFile] = []
-    try:
+            _close(pending)
         for pending in files:
             os.rename(pending.temporary, pending.final)
             renamed.append(pending)
     except BaseException:
         for pending in files:
-            _close_and_remove(pending)
+            discard(pending)
         for pending in renamed:
             _unlink_quietly(pending.final)
         raise
@@ -149,18 +156,44 @@ def _report(batch: list[_Commit]) -> None:
             item.deferred.errback(Failure(item.error))
 
 
-def _close_and_remove(pending: PendingFile) -> None:
-    if pending.fd >= 0:
-        os.close(pending.fd)
-        pending.fd = -1
+def discard(pending: PendingFile) -> None:
+    """Close ``pending`` if still open and remove its temporary file."""
+    _close(pending)
     _unlink_quietly(pending.temporary)
 
 
+def _close(pending: PendingFile) -> None:
+    # Marked closed first: a failing close() still releases the fd on Linux,
+    # and retrying it could close a descriptor another thread just opened.
+    fd, pending.fd = pending.fd, -1
+    if fd >= 0:
+        os.close(fd)
+
+
 def _unlink_quietly(path: str) -> None:
+    # Cleanup after a failure: its own error must not hide the first one.
     try:
         os.unlink(path)
-    except FileNotFoundError:
+    except OSError:
         pass
+
+
+def make_directories(path: Path) -> None:
+    """Like ``os.makedirs`` (mode 0700), and durable: the entry of each new
+    folder is fsynced in its parent, or a crash could lose the folder with
+    every file later made durable inside it."""
+    missing = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+    for directory in reversed(missing):
+        fsync_directory(str(directory.parent))
 
 
 def fsync_directory(path: str) -> None:

@@ -13,6 +13,9 @@ The body is streamed once, into the first file.  Every other file gets its
 own header block and an in-kernel copy of the body (``copy_file_range``),
 made by the committer thread, so no work grows with lines x recipients on
 the reactor.  Files use LF line endings, as Maildir readers expect.
+
+Once everything is on disk the server answers ``250`` and logs the
+acceptance; then one line per delivery follows, Postfix-style.
 """
 
 from __future__ import annotations
@@ -22,30 +25,42 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from twisted.internet import defer
 from twisted.mail.interfaces import IMessageSMTP
 from twisted.mail.smtp import SMTPServerError
+from twisted.python import log
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_mta.delivery.directory import Mailbox
 from twisted_mta.delivery.maildir import (
+    CREATE_FLAGS,
     TemporaryFile,
     ensure_maildir,
     mailbox_path,
     open_temporary,
 )
-from twisted_mta.queue.committer import Committer, PendingFile
+from twisted_mta.queue.committer import Committer, PendingFile, discard, make_directories
 
 ENVELOPE_VERSION = 1
+# copy_file_range cannot cross file systems (Linux 5.19+) or may be missing.
+_NO_COPY_FILE_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+
+
+_last_stamp = 0
 
 
 def new_queue_id() -> str:
-    """A sortable id unique across processes: microseconds + randomness."""
-    return f"{time.time_ns() // 1000:013X}{secrets.randbelow(0x10000):04X}"
+    """A sortable id: microseconds, never the same twice in this process
+    (the queue files are named after it), then randomness for the case of
+    a clock set back across a restart."""
+    global _last_stamp
+    _last_stamp = max(time.time_ns() // 1000, _last_stamp + 1)
+    return f"{_last_stamp:013X}{secrets.randbelow(0x10000):04X}"
 
 
 class StorageError(SMTPServerError):
@@ -53,6 +68,13 @@ class StorageError(SMTPServerError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(452, f"4.3.1 Insufficient system storage ({reason})".encode())
+
+
+def _storage_error(queue_id: str, error: OSError) -> StorageError:
+    """Log what went wrong where, for the operator; tell the client less."""
+    where = f" ({error.filename})" if error.filename else ""
+    log.msg(f"id={queue_id} not stored: {error.strerror or error}{where}")
+    return StorageError(error.strerror or "write failed")
 
 
 @dataclass(frozen=True)
@@ -100,16 +122,26 @@ class Spool:
     committer: Committer
 
     def prepare(self) -> None:
-        """Create the queue folder and drop transactions never acknowledged."""
-        os.makedirs(self.queue_dir, 0o700, exist_ok=True)
-        for name in os.listdir(self.queue_dir):
+        """Create the queue folder and drop transactions never acknowledged.
+
+        Those are leftovers of a crash: temporary files, and a ``.msg`` or
+        ``.env`` without its partner (the pair is renamed into place before
+        the ``250``, the ``.env`` last).
+        """
+        make_directories(self.queue_dir)
+        names = set(os.listdir(self.queue_dir))
+        partner = {"msg": "env", "env": "msg"}
+        for name in sorted(names):
             stem, _, suffix = name.rpartition(".")
-            path = self.queue_dir / name
             orphan = suffix == "tmp" or (
-                suffix == "msg" and not (self.queue_dir / f"{stem}.env").exists()
-            ) or (suffix == "env" and not (self.queue_dir / f"{stem}.msg").exists())
+                suffix in partner and f"{stem}.{partner[suffix]}" not in names
+            )
             if orphan:
-                os.unlink(path)
+                os.unlink(self.queue_dir / name)
+                log.msg(f"removed {name} from the queue: never acknowledged")
+
+    def queue_path(self, queue_id: str, suffix: str) -> str:
+        return str(self.queue_dir / f"{queue_id}.{suffix}")
 
     def open_message(
         self,
@@ -117,7 +149,7 @@ class Spool:
         mailboxes: Mapping[Mailbox, str],
         envelope: Envelope,
         received: bytes,
-    ) -> "IncomingMessage":
+    ) -> IncomingMessage:
         """Start storing a message; raises StorageError if that fails."""
         return IncomingMessage(self, queue_id, dict(mailboxes), envelope, received)
 
@@ -127,6 +159,7 @@ class Spool:
 class IncomingMessage:
     """The files one message is being written to.
 
+    ``mailboxes`` maps each local Maildir to its Delivered-To address.
     ``write`` takes body bytes already decoded (dot-unstuffed, LF endings);
     ``eomReceived`` makes everything durable; ``connectionLost`` discards.
     It is also a Twisted ``IMessage`` so that line-based code can feed it.
@@ -138,163 +171,187 @@ class IncomingMessage:
     envelope: Envelope
     received: bytes
     size: int = 0
-    _primary: TemporaryFile | None = None
+    _files: list[PendingFile] = field(default_factory=list)
+    _primary_maildir: TemporaryFile | None = None
     _primary_header: int = 0
     _error: StorageError | None = None
-    _extra: list[PendingFile] = field(default_factory=list)
+    # Postfix's delay counts from arrival; ours from DATA, when the first
+    # byte of the message can be stored.
+    _arrival: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         try:
             self._open_primary()
         except OSError as error:
             self._discard()
-            raise StorageError(error.strerror or "write failed") from error
+            raise _storage_error(self.queue_id, error) from error
+
+    def _open_primary(self) -> None:
+        """The file the body is streamed into: the first mailbox, else the queue."""
+        if self.mailboxes:
+            mailbox = min(self.mailboxes)
+            self._primary_maildir, _ = self._open_in_maildir(mailbox)
+            header = self._trace_headers(self.mailboxes[mailbox]) + self.received
+        else:
+            self._open_in_queue("msg")
+            header = self.received
+        self._primary_header = len(header)
+        _write_all(self._files[0].fd, header)
 
     def _trace_headers(self, delivered_to: str) -> bytes:
         sender = self.envelope.sender
         return f"Return-Path: <{sender}>\nDelivered-To: {delivered_to}\n".encode()
 
-    def _open_primary(self) -> None:
-        if self.mailboxes:
-            mailbox = min(self.mailboxes)
-            maildir = mailbox_path(self.spool.mail_root, mailbox.domain, mailbox.local)
-            ensure_maildir(maildir)
-            self._primary = open_temporary(maildir)
-            header = self._trace_headers(self.mailboxes[mailbox]) + self.received
-        else:
-            path = str(self.spool.queue_dir / f"{self.queue_id}.msg.tmp")
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-            self._primary = TemporaryFile(
-                os.open(path, flags, 0o600), path, self.spool.queue_dir, ""
-            )
-            header = self.received
-        self._primary_header = len(header)
-        _write_all(self._primary.fd, header)
+    def _open_in_maildir(self, mailbox: Mailbox) -> tuple[TemporaryFile, PendingFile]:
+        """A new file in ``mailbox``'s tmp/; its final name waits for its size."""
+        maildir = mailbox_path(self.spool.mail_root, mailbox.domain, mailbox.local)
+        ensure_maildir(maildir)
+        temporary = open_temporary(maildir)
+        pending = PendingFile(temporary.fd, temporary.path, "")
+        self._files.append(pending)
+        return temporary, pending
+
+    def _open_in_queue(self, suffix: str) -> PendingFile:
+        final = self.spool.queue_path(self.queue_id, suffix)
+        temporary = f"{final}.tmp"
+        pending = PendingFile(os.open(temporary, CREATE_FLAGS, 0o600), temporary, final)
+        self._files.append(pending)
+        return pending
 
     def write(self, data: bytes) -> None:
-        if self._error is not None or self._primary is None:
+        if self._error is not None or not self._files:
             return
         try:
-            _write_all(self._primary.fd, data)
+            _write_all(self._files[0].fd, data)
         except OSError as error:
-            self._error = StorageError(error.strerror or "write failed")
+            self._error = _storage_error(self.queue_id, error)
         self.size += len(data)
 
     def lineReceived(self, line: bytes) -> None:
         self.write(line + b"\n")
 
     def eomReceived(self) -> defer.Deferred[str]:
+        """Commit every file; fires with the queue id once all are durable."""
+        if self._error is None:
+            try:
+                self._complete_files()
+            except OSError as error:
+                self._error = _storage_error(self.queue_id, error)
         if self._error is not None:
             self._discard()
             return defer.fail(self._error)
-        try:
-            pending = self._pending_files()
-        except OSError as error:
-            self._discard()
-            return defer.fail(StorageError(error.strerror or "write failed"))
-        d = self.spool.committer.commit(pending)
-        d.addCallbacks(lambda _: self.queue_id, self._commit_failed)
-        return d
+        files, self._files = self._files, []  # the committer cleans up from here
+        acknowledged: defer.Deferred[str] = defer.Deferred()
+        stored = self.spool.committer.commit(files)
+        stored.addCallbacks(
+            self._stored,
+            self._not_stored,
+            callbackArgs=(acknowledged,),
+            errbackArgs=(acknowledged,),
+        )
+        return acknowledged
 
     def connectionLost(self) -> None:
         self._discard()
 
-    def _commit_failed(self, failure):
-        error = failure.check(OSError) and failure.value
-        if error:
-            raise StorageError(error.strerror or "write failed")
-        return failure
+    def _stored(self, _: None, acknowledged: defer.Deferred[str]) -> None:
+        # Fired first so that the server's 250 and its acceptance line come
+        # before the delivery lines, in the order of the message's life.
+        acknowledged.callback(self.queue_id)
+        self._log_deliveries()
 
-    def _pending_files(self) -> list[PendingFile]:
-        primary = self._primary
-        assert primary is not None
-        body_size = self.size + len(self.received)
-        if self.mailboxes:
-            first = min(self.mailboxes)
-            files = [PendingFile(primary.fd, primary.path, primary.final_path(
-                self._primary_header + self.size))]
-            for mailbox, delivered_to in sorted(self.mailboxes.items()):
-                if mailbox != first:
-                    files.append(self._copy_to_mailbox(mailbox, delivered_to, body_size))
-        else:
-            files = [PendingFile(primary.fd, primary.path,
-                                 str(self.spool.queue_dir / f"{self.queue_id}.msg"))]
+    def _not_stored(self, failure: Failure, acknowledged: defer.Deferred[str]) -> None:
+        if isinstance(failure.value, OSError):
+            failure = Failure(_storage_error(self.queue_id, failure.value))
+        acknowledged.errback(failure)
+
+    def _log_deliveries(self) -> None:
+        common = f"id={self.queue_id}"
+        delay = f"delay={time.monotonic() - self._arrival:.2f}"
+        for _, delivered_to in sorted(self.mailboxes.items()):
+            log.msg(
+                f"{common} to=<{delivered_to}> relay=local {delay} "
+                "status=sent (delivered to maildir)"
+            )
+        for address in self.envelope.remote:
+            log.msg(
+                f"{common} to=<{address}> relay=none {delay} "
+                "status=deferred (queued for relay)"
+            )
+
+    def _complete_files(self) -> None:
+        """Name the primary file and open every other one, in commit order.
+
+        The ``.env`` comes last: its rename is what makes a queue entry real.
+        """
+        if self._primary_maildir is not None:
+            size = self._primary_header + self.size
+            self._files[0].final = self._primary_maildir.final_path(size)
+        first = min(self.mailboxes, default=None)
+        for mailbox, delivered_to in sorted(self.mailboxes.items()):
+            if mailbox != first:
+                self._copy_to_mailbox(mailbox, delivered_to)
         if self.envelope.remote:
             if self.mailboxes:
-                files.append(self._copy_to_queue())
-            files.append(self._envelope_file())
-        self._primary = None
-        self._extra = []
-        return files
+                self._copy_to_queue()
+            self._write_envelope()
 
-    def _copy_source(self) -> tuple[int, int]:
-        """(fd, offset) of our Received header in the primary file."""
-        assert self._primary is not None
-        return self._primary.fd, self._primary_header - len(self.received)
-
-    def _copy_to_mailbox(self, mailbox: Mailbox, delivered_to: str, body_size: int):
-        maildir = mailbox_path(self.spool.mail_root, mailbox.domain, mailbox.local)
-        ensure_maildir(maildir)
-        target = open_temporary(maildir)
+    def _copy_to_mailbox(self, mailbox: Mailbox, delivered_to: str) -> None:
         header = self._trace_headers(delivered_to)
-        pending = PendingFile(
-            target.fd,
-            target.path,
-            target.final_path(len(header) + body_size),
-            _copier(target.fd, header, *self._copy_source(), body_size),
-        )
-        self._extra.append(pending)
-        return pending
+        temporary, pending = self._open_in_maildir(mailbox)
+        pending.final = temporary.final_path(len(header) + self._shared_size())
+        pending.prepare = self._copier(pending.fd, header)
 
-    def _copy_to_queue(self) -> PendingFile:
-        path = str(self.spool.queue_dir / f"{self.queue_id}.msg.tmp")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        body_size = self.size + len(self.received)
-        pending = PendingFile(
-            fd,
-            path,
-            str(self.spool.queue_dir / f"{self.queue_id}.msg"),
-            _copier(fd, b"", *self._copy_source(), body_size),
-        )
-        self._extra.append(pending)
-        return pending
+    def _copy_to_queue(self) -> None:
+        pending = self._open_in_queue("msg")
+        pending.prepare = self._copier(pending.fd, b"")
 
-    def _envelope_file(self) -> PendingFile:
-        path = str(self.spool.queue_dir / f"{self.queue_id}.env.tmp")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        pending = PendingFile(fd, path, str(self.spool.queue_dir / f"{self.queue_id}.env"))
-        self._extra.append(pending)
-        _write_all(fd, self.envelope.to_json(self.queue_id, self.size, time.time()))
-        return pending
+    def _write_envelope(self) -> None:
+        pending = self._open_in_queue("env")
+        _write_all(pending.fd, self.envelope.to_json(self.queue_id, self.size, time.time()))
+
+    def _shared_size(self) -> int:
+        """What every file holds after its own header: Received + body."""
+        return len(self.received) + self.size
+
+    def _copier(self, target: int, header: bytes) -> Callable[[], None]:
+        """Fill ``target`` with ``header`` + the primary file's shared part."""
+        source = self._files[0].fd
+        offset = self._primary_header - len(self.received)
+        count = self._shared_size()
+
+        def copy() -> None:
+            _write_all(target, header)
+            _copy_range(source, target, offset, count)
+
+        return copy
 
     def _discard(self) -> None:
-        leftovers = list(self._extra)
-        if self._primary is not None:
-            leftovers.append(PendingFile(self._primary.fd, self._primary.path, ""))
-        for pending in leftovers:
-            if pending.fd >= 0:
-                os.close(pending.fd)
-                pending.fd = -1
-            try:
-                os.unlink(pending.temporary)
-            except FileNotFoundError:
-                pass
-        self._primary = None
-        self._extra = []
+        files, self._files = self._files, []
+        for pending in files:
+            discard(pending)
 
 
-def _copier(target: int, header: bytes, source: int, offset: int, count: int):
-    def copy() -> None:
-        _write_all(target, header)
-        position, remaining = offset, count
-        while remaining:
-            copied = os.copy_file_range(source, target, remaining, position)
-            if copied == 0:
-                raise OSError(errno.EIO, "short copy")
-            position += copied
-            remaining -= copied
+def _copy_range(source: int, target: int, offset: int, count: int) -> None:
+    """Append ``count`` bytes of ``source`` from ``offset`` to ``target``,
+    in the kernel; with sendfile where copy_file_range is not possible."""
+    copy = os.copy_file_range
+    while count:
+        try:
+            copied = copy(source, target, count, offset)
+        except OSError as error:
+            if copy is _sendfile or error.errno not in _NO_COPY_FILE_RANGE:
+                raise
+            copy = _sendfile
+            continue
+        if copied == 0:
+            raise OSError(errno.EIO, "short copy: the first file shrank")
+        offset += copied
+        count -= copied
 
-    return copy
+
+def _sendfile(source: int, target: int, count: int, offset: int) -> int:
+    return os.sendfile(target, source, offset, count)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -6,9 +6,14 @@ its ``Session`` as the cred *mind*; the realm answers with an
 gets a fresh ``Transaction`` (Twisted's ``IMessageDelivery``), which decides
 on each recipient:
 
-* a local domain: resolved through the directory (550 5.1.1 if unknown);
+* a local domain, or ``<postmaster>`` without one: resolved through the
+  directory (550 5.1.1 unknown, 550 5.4.6 alias loop, 550 5.1.3 a name that
+  could not be a Maildir);
 * any other domain: relayed if the client is in ``[relay] networks`` or
   authenticated, else 554 5.7.1.  Relayed recipients go to the queue.
+
+Each mailbox and each remote address is kept once per transaction, however
+many RCPTs or aliases lead to it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from twisted_mta.delivery.directory import (
     UnsafeMailboxName,
 )
 from twisted_mta.queue.spool import Envelope, IncomingMessage, Spool, new_queue_id
+from twisted_mta.smtp.address import Address
 from twisted_mta.smtp.received import TraceInfo, received_header
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -65,6 +71,7 @@ class Session:
     helo: bytes | None = None
     esmtp: bool = False
     tls: str | None = None
+    user: str | None = None
 
     def client_in(self, networks: Sequence[Network]) -> bool:
         try:
@@ -84,6 +91,7 @@ class MailSystem:
     directory: Directory
     spool: Spool
     relay_networks: Sequence[Network]
+    received_user: bool = False
 
 
 @implementer(IRealm)
@@ -116,7 +124,7 @@ class SessionDelivery:
     session: Session
     user: str | None
 
-    def getMessageDelivery(self) -> "Transaction":
+    def getMessageDelivery(self) -> Transaction:
         return Transaction(self.system, self.session, self.user)
 
 
@@ -137,34 +145,68 @@ class Transaction:
     recipients: list[str] = field(default_factory=list)
 
     def validateFrom(self, helo, origin):
+        if self.user is not None and not self._owned_by_user(origin):
+            raise Refusal(
+                553, "5.7.1", f"<{origin}>: Sender address rejected: not owned by user {self.user}"
+            )
         self.sender = str(origin)
         return origin
 
+    def _owned_by_user(self, origin) -> bool:
+        """The login, its +tag variants, and local aliases delivering to it."""
+        if not origin.domain:
+            return False
+        login = self.user.lower()
+        local = origin.local.decode("utf-8").lower()
+        domain = origin.domain.decode("utf-8").lower()
+        directory = self.system.directory
+        if any(f"{candidate}@{domain}" == login for candidate in directory.candidates(local)):
+            return True
+        if not directory.is_local(domain):
+            return False
+        try:
+            resolution = directory.resolve(local, domain)
+        except (UnknownRecipient, AliasLoop, UnsafeMailboxName):
+            return False
+        return any(mailbox.address == login for mailbox in resolution.mailboxes)
+
     def validateTo(self, user) -> Callable[[], IncomingMessage]:
         address = user.dest
-        local = address.local.decode("utf-8")
-        domain = address.domain.decode("utf-8") or self.system.hostname
-        if self.system.directory.is_local(domain):
-            self._accept_local(local, domain)
+        directory = self.system.directory
+        # RFC 5321 4.5.1: <postmaster> without a domain is always accepted.
+        domain = address.domain.decode("utf-8") or directory.postmaster_domain(
+            self.system.hostname
+        )
+        recipient = str(Address(address.local, domain.encode("utf-8")))
+        if not address.domain or directory.is_local(domain):
+            self._accept_local(address.local.decode("utf-8"), domain, recipient)
         elif self.user is not None or self.session.client_in(self.system.relay_networks):
-            self.remote.append(f"{local}@{domain}")
+            self._add_remote([recipient])
         else:
-            raise Refusal(554, "5.7.1", f"<{address}>: Relay access denied")
-        self.recipients.append(f"{local}@{domain}")
+            raise Refusal(554, "5.7.1", f"<{recipient}>: Relay access denied")
+        self.recipients.append(recipient)
         return lambda: self.open_message(self.receivedHeader(user.helo, user.orig, [user]))
 
-    def _accept_local(self, local: str, domain: str) -> None:
+    def _accept_local(self, local: str, domain: str, recipient: str) -> None:
         try:
             resolution = self.system.directory.resolve(local, domain)
         except UnknownRecipient:
-            raise Refusal(550, "5.1.1", f"<{local}@{domain}>: Recipient address rejected: User unknown")
+            raise Refusal(
+                550, "5.1.1", f"<{recipient}>: Recipient address rejected: User unknown"
+            ) from None
         except AliasLoop:
-            raise Refusal(550, "5.4.6", f"<{local}@{domain}>: Alias expansion loop")
+            raise Refusal(550, "5.4.6", f"<{recipient}>: Alias expansion loop") from None
         except UnsafeMailboxName:
-            raise Refusal(550, "5.1.3", "Recipient address rejected: bad mailbox name")
+            raise Refusal(
+                550, "5.1.3", "Recipient address rejected: bad mailbox name"
+            ) from None
+        # A mailbox reached twice, by two RCPTs or two aliases, gets one copy.
         for mailbox, delivered_to in resolution.mailboxes.items():
             self.mailboxes.setdefault(mailbox, delivered_to)
-        self.remote.extend(r for r in sorted(resolution.remote) if r not in self.remote)
+        self._add_remote(sorted(resolution.remote))
+
+    def _add_remote(self, addresses: Sequence[str]) -> None:
+        self.remote.extend(a for a in addresses if a not in self.remote)
 
     def receivedHeader(self, helo, origin, recipients) -> bytes:
         single = self.recipients[0] if len(self.recipients) == 1 else None
@@ -176,7 +218,8 @@ class Transaction:
                 queue_id=self.queue_id,
                 esmtp=self.session.esmtp,
                 tls=self.session.tls,
-                user=self.user,
+                authenticated=self.user is not None,
+                user=self.user if self.system.received_user and self.user.isprintable() else None,
                 recipient=single,
                 utf8=self.utf8,
             )

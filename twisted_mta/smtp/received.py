@@ -49,6 +49,7 @@ class TraceInfo:
     queue_id: str
     esmtp: bool
     tls: str | None = None
+    authenticated: bool = False
     user: str | None = None
     recipient: str | None = None
     utf8: bool = False
@@ -79,4 +80,4 @@ def _with_protocol(info: TraceInfo) -> str:
     if not info.esmtp:
         return "SMTP"
     name = "UTF8SMTP" if info.utf8 else "ESMTP"
-    return name + ("S" if info.tls else "") + ("A" if info.user else "")
+    return name + ("S" if info.tls else "") + ("A" if info.authenticated else "")

@@ -10,40 +10,50 @@ avatars, ``validateFrom`` / ``validateTo`` / ``receivedHeader``,
   in CRLF and fit 512 octets, bare CR/LF is refused (S2, S7), DATA is
   decoded per buffer and never falls back to command mode (S1, S10);
 * commands run strictly one after another, the next waiting for the reply
-  to the previous one, so PIPELINING is safe (S6);
+  to the previous one, so PIPELINING is safe (S6); reading stops while
+  input piles up behind an outstanding command or behind replies the
+  client does not read;
 * input pipelined behind STARTTLS is discarded and the session starts over
   inside TLS (S3, S4);
-* every reply carries an enhanced status code; errors raised by validators
-  are answered whatever their ``resp`` type (S11); malformed input gets a
-  reply, never a dropped connection (S8);
+* every reply carries an enhanced status code (but those to HELO and EHLO,
+  RFC 2034, and the 354, which has no class in RFC 3463); errors raised by
+  validators or messages are answered whatever their ``resp`` type (S11);
+  malformed input gets a reply, never a dropped connection (S8);
 * limits: message size, recipients, connections, errors, idle time.
 """
 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from twisted.cred.credentials import Anonymous
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
-from twisted.internet import defer
-from twisted.internet.interfaces import ITLSTransport
+from twisted.internet import defer, reactor
+from twisted.internet.interfaces import IPushProducer, ITLSTransport
 from twisted.mail import smtp
 from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory
 from twisted.python import log
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from twisted_mta.smtp.address import NULL_SENDER, PathError, parse_mail, parse_rcpt
-from twisted_mta.smtp.data import BARE_LINE_ENDING, LINE_TOO_LONG, DataDecoder
+from twisted_mta.auth.throttle import AuthThrottle
+from twisted_mta.smtp.address import PathError, parse_mail, parse_rcpt
+from twisted_mta.smtp.data import BARE_LINE_ENDING, LINE_TOO_LONG, TOO_BIG, DataDecoder
+from twisted_mta.smtp.modes import AUTH, CLOSED, COMMAND, DATA
 from twisted_mta.smtp.policy import ITransactionDelivery, Session
+from twisted_mta.smtp.sasl import SaslMixin
 
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, including the CRLF
+MAX_AUTH_LINE = 12288  # RFC 4954 4
+# Input kept while the session is stalled before we stop reading.
 _PAUSE_BUFFER = 64 * 1024
 _ENHANCED = re.compile(rb"^[245]\.\d{1,3}\.\d{1,3} ")
+# NUL and other controls have no place in a command; HT is tolerated.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_LOCAL_ERROR = (451, "4.3.0", "Error: local error in processing")
 
-COMMAND, DATA, CLOSED = "command", "data", "closed"
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,8 @@ class ServerSettings:
     max_errors: int
     require_auth: bool = False
     implicit_tls: bool = False
+    auth_requires_tls: bool = True
+    max_auth_failures: int = 3
 
 
 @dataclass
@@ -99,8 +111,21 @@ class RcptUser(smtp.User):
         self.orig = orig
 
 
-class MTAServer(smtp.ESMTP):
-    """One SMTP session."""
+@implementer(IPushProducer)
+class MTAServer(SaslMixin, smtp.ESMTP):
+    """One SMTP session.
+
+    Input goes into ``_input``; ``_process`` takes one command line at a
+    time from it, or hands it to the DATA decoder.  A command whose answer
+    is a Deferred makes the session *busy*: nothing more is read from the
+    buffer (and, past ``_PAUSE_BUFFER``, from the socket) until it is
+    answered, which is what keeps pipelined replies in order.
+
+    The server is also the producer of its replies: while the transport's
+    write buffer is full (a client that pipelines without reading), no
+    command runs, and input is buffered only up to ``_PAUSE_BUFFER``, so
+    neither replies nor input pile up.
+    """
 
     def __init__(
         self,
@@ -108,24 +133,31 @@ class MTAServer(smtp.ESMTP):
         limits: ConnectionLimits,
         challengers: dict | None = None,
         context_factory=None,
+        throttle: AuthThrottle | None = None,
+        clock=None,
     ) -> None:
         super().__init__(challengers, context_factory)
         self.settings = settings
         self.limits = limits
+        self.throttle = throttle or AuthThrottle(base_delay=1.0)
+        self.clock = clock or reactor
         self.host = settings.hostname.encode("ascii")
         self.timeout = settings.idle_timeout
         self.session: Session | None = None
         self._mode = COMMAND
-        self._buffer = b""
+        # bytearray: removing a consumed line from the front is O(1).
+        self._input = bytearray()
         self._busy = False
+        self._processing = False
+        self._paused = False
+        self._output_blocked = False
+        self._skipping_long_line = False
         self._errors = 0
         self._counted = False
-        self._paused = False
-        self._discarding_long_line = False
         self._decoder: DataDecoder | None = None
         self._message = None
+        self._write_failure: Failure | None = None
         self._mail = None
-        self._started = 0.0
 
     # -- connection ---------------------------------------------------
 
@@ -139,6 +171,7 @@ class MTAServer(smtp.ESMTP):
             self.transport.loseConnection()
             return
         self._counted = True
+        self.transport.registerProducer(self, True)
         super().connectionMade()
         self.canStartTLS = (
             ITLSTransport.providedBy(self.transport)
@@ -152,22 +185,48 @@ class MTAServer(smtp.ESMTP):
         return self.host + b" ESMTP"
 
     def connectionLost(self, reason) -> None:
+        in_data = self._mode == DATA
         self._mode = CLOSED
         self._drop_message()
+        if in_data:
+            queue_id = getattr(self.delivery, "queue_id", None) or "-"
+            log.msg(
+                f"id={queue_id} lost connection after DATA from "
+                f"unknown[{self.session.client_ip}]; message discarded"
+            )
         if self._counted:
             self._counted = False
             self.limits.release(self.session.client_ip)
         super().connectionLost(reason)
 
     def timeoutConnection(self) -> None:
-        self.reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded")
-        self._close()
+        if self._mode != CLOSED:
+            self.reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded")
+        # A client that has not read our replies for a whole timeout would
+        # keep the connection open, closing, until it reads the last one.
+        self._close(abort=self._output_blocked)
 
-    def _close(self) -> None:
+    def _close(self, abort: bool = False) -> None:
         self._mode = CLOSED
-        self._buffer = b""
+        self._input.clear()
         self._drop_message()
-        self.transport.loseConnection()
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    # -- IPushProducer: told by the transport whether the client reads ---
+
+    def pauseProducing(self) -> None:
+        self._output_blocked = True
+        self._flow_control()
+
+    def resumeProducing(self) -> None:
+        self._output_blocked = False
+        self._process()
+
+    def stopProducing(self) -> None:
+        """The connection is going away; connectionLost does the rest."""
 
     # -- replies --------------------------------------------------------
 
@@ -186,7 +245,11 @@ class MTAServer(smtp.ESMTP):
             self._close()
 
     def _reply_failure(self, failure: Failure, fallback: tuple[int, str, str]) -> None:
-        """Answer an exception from a validator or a message."""
+        """Answer an exception from a validator or a message.
+
+        Twisted wants a str ``resp`` from validators and bytes from messages
+        and hangs the client otherwise (S11); we take either.
+        """
         error = failure.value
         if isinstance(error, smtp.SMTPServerError):
             resp = error.resp
@@ -207,64 +270,101 @@ class MTAServer(smtp.ESMTP):
         if self._mode == CLOSED:
             return
         self.resetTimeout()
-        if self._mode == DATA:
+        if self._mode == DATA and not self._input and not self._output_blocked:
+            # The common case in DATA: decode without copying into _input.
             self._feed_data(data)
         else:
-            self._buffer += data
-        self._run()
+            self._input += data
+        self._process()
 
-    def _feed_data(self, data: bytes) -> None:
-        rest = self._decoder.feed(data)
-        if rest is not None:
-            self._buffer = rest + self._buffer
-            self._end_of_data()
+    def _process(self) -> None:
+        """Run what is buffered, in order, until a command is outstanding.
 
-    def _run(self) -> None:
-        """Execute buffered commands in order while none is outstanding."""
-        while self._mode == COMMAND and not self._busy:
-            line = self._next_line()
-            if line is None:
-                break
-            self._execute(line)
-        if self._mode == DATA and self._buffer and not self._busy:
-            pending, self._buffer = self._buffer, b""
-            self._feed_data(pending)
-            self._run()
+        Re-entrant calls (a command answered synchronously finishing inside
+        the loop) return at once; the loop that is running goes on, so the
+        stack does not grow with the number of pipelined commands.
+        """
+        if self._processing:
             return
+        self._processing = True
+        try:
+            while not (self._busy or self._output_blocked) and self._mode != CLOSED:
+                if self._mode == DATA:
+                    if not self._input:
+                        break
+                    pending = bytes(self._input)
+                    self._input.clear()
+                    self._feed_data(pending)
+                    continue
+                line = self._next_line()
+                if line is None:
+                    break
+                if self._mode == AUTH:
+                    self._run_handler(self.auth_line, line)
+                else:
+                    self._execute(line)
+        finally:
+            self._processing = False
         self._flow_control()
 
     def _flow_control(self) -> None:
-        full = len(self._buffer) > _PAUSE_BUFFER and self._busy
-        if full and not self._paused and self._mode != CLOSED:
-            self._paused = True
-            self.transport.pauseProducing()
-        elif self._paused and not full:
-            self._paused = False
-            if self._mode != CLOSED:
+        """Stop reading once input piles up behind a stalled session.
+
+        Stalled: a command is outstanding, or replies cannot go out.  Reading
+        goes on until then, because TLS must read to be able to write (a
+        handshake holds back the greeting of an implicit TLS session).
+        """
+        stalled = self._busy or self._output_blocked
+        stop = stalled and len(self._input) > _PAUSE_BUFFER
+        if stop != self._paused and self._mode != CLOSED:
+            self._paused = stop
+            if stop:
+                self.transport.pauseProducing()
+            else:
                 self.transport.resumeProducing()
 
     def _next_line(self) -> bytes | None:
-        end = self._buffer.find(b"\n")
-        if end < 0:
-            if len(self._buffer) > MAX_COMMAND_LINE:
-                self._buffer = b""
-                self._discarding_long_line = True
+        """The next well-formed command line without its CRLF.
+
+        None means: wait for more input.  Malformed lines are answered here
+        and skipped; a line over the limit is discarded up to its end
+        without keeping it (S2).
+        """
+        buffer = self._input
+        while self._mode != CLOSED:
+            if self._skipping_long_line and not self._skip_rest_of_line():
+                return None
+            limit = MAX_AUTH_LINE if self._mode == AUTH else MAX_COMMAND_LINE
+            end = buffer.find(b"\n", 0, limit)
+            if end < 0:
+                if len(buffer) < limit:
+                    return None
+                self._skipping_long_line = True
                 self.reply(500, "5.5.2", "Error: line too long")
-            return None
-        line, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
-        if self._discarding_long_line:
-            self._discarding_long_line = False
-            return None
-        if len(line) + 1 > MAX_COMMAND_LINE:
-            self.reply(500, "5.5.2", "Error: line too long")
-            return None
-        if not line.endswith(b"\r") or b"\r" in line[:-1]:
-            self.reply(500, "5.5.2", "Error: bare CR or LF received; lines end in CRLF")
-            return None
-        return line[:-1]
+                continue
+            line = bytes(buffer[:end])
+            del buffer[: end + 1]
+            if not line.endswith(b"\r") or b"\r" in line[:-1]:
+                self.reply(500, "5.5.2", "Error: bare CR or LF received; lines end in CRLF")
+            elif _CONTROL.search(line, 0, len(line) - 1):
+                self.reply(500, "5.5.2", "Error: control character in command")
+            else:
+                return line[:-1]
+        return None
+
+    def _skip_rest_of_line(self) -> bool:
+        """Drop input up to the end of an over-long line; True once found."""
+        end = self._input.find(b"\n")
+        if end < 0:
+            self._input.clear()
+            return False
+        del self._input[: end + 1]
+        self._skipping_long_line = False
+        return True
 
     def _execute(self, line: bytes) -> None:
         verb, _, argument = line.partition(b" ")
+        # lookupMethod would raise on a non-ASCII verb (S8).
         if not verb.isalpha() or not verb.isascii():
             self.reply(500, "5.5.2", "Error: command not recognized")
             return
@@ -272,22 +372,34 @@ class MTAServer(smtp.ESMTP):
         if method is None:
             self.do_UNKNOWN(argument)
             return
+        self._run_handler(method, argument)
+
+    def _run_handler(self, method: Callable, argument: bytes) -> None:
+        """Call a command's handler; a Deferred result holds further input."""
         try:
             result = method(argument)
         except Exception:
-            self._reply_failure(Failure(), (451, "4.3.0", "Error: local error in processing"))
+            self._reply_failure(Failure(), _LOCAL_ERROR)
             return
         if isinstance(result, defer.Deferred):
-            self._busy = True
-            result.addErrback(
-                self._reply_failure, (451, "4.3.0", "Error: local error in processing")
-            )
-            result.addBoth(self._command_done)
+            result.addErrback(self._reply_failure, _LOCAL_ERROR)
+            self._wait_for(result)
+
+    def _wait_for(self, d: defer.Deferred) -> None:
+        """Hold further input until ``d`` fires."""
+        self._busy = True
+        d.addBoth(self._command_done)
+        if self._busy:
+            # Still outstanding: the wait is ours, not the client's, so the
+            # idle timer stops until the answer is sent.
+            self.setTimeout(None)
 
     def _command_done(self, _ignored) -> None:
         self._busy = False
         if self._mode != CLOSED:
-            self._run()
+            if self.timeOut is None:
+                self.setTimeout(self.timeout)
+            self._process()
 
     # -- commands -------------------------------------------------------
 
@@ -298,7 +410,8 @@ class MTAServer(smtp.ESMTP):
         if not rest.strip():
             return self.reply(501, "5.5.4", "Syntax: HELO hostname")
         self._greeted(rest, esmtp=False)
-        self.reply(250, "2.0.0", self.settings.hostname)
+        # RFC 2034: no enhanced status code in answers to HELO and EHLO.
+        self.sendCode(250, self.host)
 
     def do_EHLO(self, rest: bytes) -> None:
         if not rest.strip():
@@ -331,6 +444,8 @@ class MTAServer(smtp.ESMTP):
         }
         if self.canStartTLS and not self.startedTLS:
             extensions[b"STARTTLS"] = None
+        if self.auth_offered():
+            extensions[b"AUTH"] = list(self.challengers)
         return extensions
 
     def do_MAIL(self, rest: bytes):
@@ -392,63 +507,83 @@ class MTAServer(smtp.ESMTP):
         self._to.append((user, factory))
         self.reply(250, "2.1.5", "Ok")
 
-    def do_DATA(self, rest: bytes):
+    def do_DATA(self, rest: bytes) -> None:
         if self._mail is None:
             return self.reply(503, "5.5.1", "Error: need MAIL command")
         if not self._to:
             return self.reply(554, "5.5.1", "Error: no valid recipients")
         if rest.strip():
             return self.reply(501, "5.5.4", "Error: DATA takes no arguments")
-        users = [user for user, _ in self._to]
         try:
-            received = self.receivedHeader(self._helo, self._from, users)
-            if ITransactionDelivery.providedBy(self.delivery):
-                self._message = self.delivery.open_message(received)
-            else:
-                self._message = LineFanout([factory() for _, factory in self._to], received)
+            self._message = self._open_message()
         except Exception:
-            return self._reply_failure(Failure(), (451, "4.3.0", "Error: local error"))
-        self._decoder = DataDecoder(self._message.write, self.settings.max_message_size)
-        self._started = time.monotonic()
+            return self._reply_failure(Failure(), _LOCAL_ERROR)
+        self._decoder = DataDecoder(self._write_body, self.settings.max_message_size)
         self._mode = DATA
-        self.reply(354, "2.0.0", "End data with <CR><LF>.<CR><LF>")
+        # Enhanced codes have no class 3 (RFC 3463): none on 354, like Postfix.
+        self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+
+    def _open_message(self):
+        """One message for all recipients, unless the avatar is Twisted-style."""
+        received = self.receivedHeader(self._helo, self._from, [user for user, _ in self._to])
+        if ITransactionDelivery.providedBy(self.delivery):
+            return self.delivery.open_message(received)
+        return LineFanout.open([factory for _, factory in self._to], received)
+
+    def _write_body(self, data: bytes) -> None:
+        """Store body bytes; an error is answered at the end of DATA.
+
+        Twisted lets an ``IMessage`` raise ``SMTPServerError`` from
+        ``lineReceived`` to refuse a message in the middle (a size limit,
+        a full disk); the rest of the body is then read and dropped.
+        """
+        if self._write_failure is not None:
+            return
+        try:
+            self._message.write(data)
+        except Exception:
+            self._write_failure = Failure()
+
+    def _feed_data(self, data: bytes) -> None:
+        rest = self._decoder.feed(data)
+        if rest is not None:
+            self._input[:0] = rest
+            self._end_of_data()
 
     def _end_of_data(self) -> None:
-        decoder, message = self._decoder, self._message
+        decoder, message, failure = self._decoder, self._message, self._write_failure
         self._mode = COMMAND
-        self._decoder = None
-        self._message = None
-        self._busy = True
-        if decoder.fault is not None:
+        self._decoder = self._message = self._write_failure = None
+        if decoder.fault is not None or failure is not None:
             message.connectionLost()
-            self._refuse_message(decoder)
-            self._finish_transaction(None)
+            self._refuse_message(decoder.fault, failure)
+            self._reset_transaction()
             return
         d = defer.maybeDeferred(message.eomReceived)
         d.addCallback(self._message_stored, decoder.size)
-        d.addErrback(self._reply_failure, (451, "4.3.0", "Error: local error in processing"))
-        d.addBoth(self._finish_transaction)
+        d.addErrback(self._reply_failure, _LOCAL_ERROR)
+        d.addBoth(lambda _: self._reset_transaction())
+        self._wait_for(d)
 
-    def _refuse_message(self, decoder: DataDecoder) -> None:
-        if decoder.fault == BARE_LINE_ENDING:
+    def _refuse_message(self, fault: str | None, failure: Failure | None) -> None:
+        if fault == BARE_LINE_ENDING:
             self.reply(554, "5.6.0", "Error: bare CR or LF in message; message refused")
-        elif decoder.fault == LINE_TOO_LONG:
+        elif fault == LINE_TOO_LONG:
             self.reply(554, "5.6.0", "Error: line longer than 998 characters; message refused")
-        else:
+        elif fault == TOO_BIG:
             self.reply(552, "5.3.4", "Error: message exceeds fixed maximum message size")
+        else:
+            self._reply_failure(failure, _LOCAL_ERROR)
 
-    def _message_stored(self, queue_id, size: int) -> None:
+    def _message_stored(self, _result, size: int) -> None:
         queue_id = getattr(self.delivery, "queue_id", None) or "-"
         log.msg(
             f"id={queue_id} from=<{self._from}> size={size} nrcpt={len(self._to)} "
             f"client=unknown[{self.session.client_ip}] listener={self.settings.listener}"
             + (f" tls={self.session.tls.split()[0]}" if self.session.tls else "")
+            + (f" sasl_username={self.session.user}" if self.session.user else "")
         )
         self.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
-
-    def _finish_transaction(self, _ignored) -> None:
-        self._reset_transaction()
-        self._command_done(None)
 
     def do_RSET(self, rest: bytes) -> None:
         self._reset_transaction()
@@ -458,6 +593,8 @@ class MTAServer(smtp.ESMTP):
         self.reply(250, "2.0.0", "Ok")
 
     def do_VRFY(self, rest: bytes) -> None:
+        if not rest.strip():
+            return self.reply(501, "5.5.4", "Syntax: VRFY address")
         self.reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 
     def do_EXPN(self, rest: bytes) -> None:
@@ -481,28 +618,28 @@ class MTAServer(smtp.ESMTP):
             return self.reply(454, "4.7.0", "TLS not available")
         if rest.strip():
             return self.reply(501, "5.5.4", "Error: STARTTLS takes no arguments")
-        # RFC 3207 4.2: forget everything, including what was pipelined.
-        self._buffer = b""
+        # RFC 3207 4.2: forget everything, including what was pipelined (S3).
+        self._input.clear()
         self.reply(220, "2.0.0", "Ready to start TLS")
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
         self._forget_session()
 
-    def ext_AUTH(self, rest: bytes) -> None:
-        self.reply(503, "5.5.1", "Error: authentication not enabled")
-
     # -- state ------------------------------------------------------------
 
     def _forget_session(self) -> None:
+        """Back to the state right after the greeting (S4)."""
         self._reset_transaction()
         self._helo = (None, self.session.client_ip.encode("ascii"))
         self.session.helo = None
         self.session.esmtp = False
+        self.session.user = None
         self.authenticated = False
         if self._onLogout:
             self._onLogout()
             self._onLogout = None
         self.deliveryFactory = None
+        self.delivery = None
 
     def _reset_transaction(self) -> None:
         self._drop_message()
@@ -517,6 +654,7 @@ class MTAServer(smtp.ESMTP):
             self._message.connectionLost()
             self._message = None
         self._decoder = None
+        self._write_failure = None
 
     def tls_description(self) -> str | None:
         """'TLSv1.3 with cipher NAME' once the handshake is done."""
@@ -538,10 +676,26 @@ class LineFanout:
     provide ``ITransactionDelivery``.
     """
 
-    def __init__(self, messages: Sequence, received: bytes) -> None:
+    def __init__(self, messages: Sequence, received: bytes | None) -> None:
         self.messages = messages
         self._partial = b""
-        self.write(received)
+        if received:
+            # Twisted passes its (folded) Received header as one line.
+            for message in messages:
+                message.lineReceived(received.removesuffix(b"\n"))
+
+    @classmethod
+    def open(cls, factories: Sequence[Callable], received: bytes | None) -> LineFanout:
+        """Call every factory; if one fails, release the messages made so far."""
+        messages = []
+        try:
+            for factory in factories:
+                messages.append(factory())
+            return cls(messages, received)
+        except BaseException:
+            for message in messages:
+                message.connectionLost()
+            raise
 
     def write(self, data: bytes) -> None:
         lines = (self._partial + data).split(b"\n")
@@ -572,18 +726,24 @@ class MTAFactory(smtp.SMTPFactory):
         limits: ConnectionLimits,
         context_factory=None,
         challengers: dict | None = None,
+        throttle: AuthThrottle | None = None,
     ) -> None:
         super().__init__(portal)
         self.settings = settings
         self.limits = limits
         self.context_factory = context_factory
         self.challengers = challengers or {}
+        self.throttle = throttle
         self.domain = settings.hostname.encode("ascii")
         self.timeout = settings.idle_timeout
 
     def buildProtocol(self, addr) -> MTAServer:
         server = MTAServer(
-            self.settings, self.limits, dict(self.challengers), self.context_factory
+            self.settings,
+            self.limits,
+            dict(self.challengers),
+            self.context_factory,
+            self.throttle,
         )
         server.factory = self
         server.portal = self.portal

@@ -1,0 +1,361 @@
+"""SMTP AUTH against the real daemon: mechanisms, schemes, policy, abuse."""
+
+import base64
+import re
+import shutil
+import smtplib
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon import insecure_context, make_daemon
+from twisted_mta.auth.passwords import hash_password
+
+PASSWORDS = {
+    "alice@example.test": ("argon2id", "alice-pw"),
+    "bob@example.test": ("blf-crypt", "bob-pw"),
+    "carol@example.test": ("cram-md5", "carol-pw"),
+    "dave@example.test": ("plain", "dave-pw"),
+}
+ALIASES = "team@example.test: alice@example.test, bob@example.test\n"
+EXTRA = """
+[auth]
+failure_delay = "0.05s"
+
+[relay]
+networks = ["192.0.2.0/24"]
+"""
+
+
+@pytest.fixture(scope="module")
+def mta(tmp_path_factory):
+    users = "".join(
+        f"{address}:{hash_password(scheme, password)}\n"
+        for address, (scheme, password) in PASSWORDS.items()
+    )
+    daemon = make_daemon(tmp_path_factory.mktemp("auth"), users=users, aliases=ALIASES, extra=EXTRA)
+    daemon.start()
+    yield daemon
+    daemon.stop()
+
+
+def submission(mta):
+    client = mta.smtp("submission")
+    client.ehlo("client.example.org")
+    client.starttls(context=insecure_context())
+    client.ehlo("client.example.org")
+    return client
+
+
+def auth_line(client):
+    return client.esmtp_features.get("auth", "")
+
+
+def test_auth_not_offered_before_tls_but_after(mta):
+    with mta.smtp("smtp") as client:
+        client.ehlo("client.example.org")
+        assert "auth" not in client.esmtp_features
+        assert client.docmd("AUTH PLAIN " + base64.b64encode(b"\0dave@example.test\0dave-pw").decode())[0] == 538
+        client.starttls(context=insecure_context())
+        client.ehlo("client.example.org")
+        assert auth_line(client).split() == ["PLAIN", "LOGIN", "CRAM-MD5"]
+
+
+def test_auth_offered_at_once_on_submissions(mta):
+    with mta.smtp("submissions") as client:
+        client.ehlo("client.example.org")
+        assert "STARTTLS" not in client.esmtp_features
+        assert auth_line(client).split() == ["PLAIN", "LOGIN", "CRAM-MD5"]
+        client.login("dave@example.test", "dave-pw")
+
+
+@pytest.mark.parametrize("address", sorted(PASSWORDS))
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_plain_and_login_work_for_every_scheme(mta, address, mechanism):
+    password = PASSWORDS[address][1]
+    with submission(mta) as client:
+        client.user, client.password = address, password
+        authenticator = {"PLAIN": client.auth_plain, "LOGIN": client.auth_login}[mechanism]
+        code, _ = client.auth(mechanism, authenticator)
+        assert code == 235
+        assert client.sendmail(address, ["postmaster@example.test"], b"Subject: t\r\n\r\nx\r\n") == {}
+
+
+@pytest.mark.parametrize("address,works", [
+    ("carol@example.test", True), ("dave@example.test", True),
+    ("alice@example.test", False), ("bob@example.test", False),
+])
+def test_cram_md5_needs_a_cram_or_plain_secret(mta, address, works):
+    with submission(mta) as client:
+        if works:
+            assert client.login(address, PASSWORDS[address][1])[0] == 235
+        else:
+            client.user, client.password = address, PASSWORDS[address][1]
+            with pytest.raises(smtplib.SMTPAuthenticationError) as raised:
+                client.auth("CRAM-MD5", client.auth_cram_md5)
+            assert raised.value.smtp_code == 535
+
+
+def test_mail_without_auth_refused_on_submission_ports(mta):
+    for listener in ("submission", "submissions"):
+        with mta.smtp(listener) as client:
+            client.ehlo("client.example.org")
+            if listener == "submission":
+                client.starttls(context=insecure_context())
+                client.ehlo("client.example.org")
+            code, text = client.mail("dave@example.test")
+            assert (code, text[:5]) == (530, b"5.7.0")
+
+
+def test_auth_twice_or_inside_a_transaction_is_503(mta):
+    with submission(mta) as client:
+        client.login("dave@example.test", "dave-pw")
+        assert client.docmd("AUTH PLAIN " + base64.b64encode(b"\0dave@example.test\0dave-pw").decode())[0] == 503
+    with mta.smtp("smtp") as client:
+        client.ehlo("client.example.org")
+        client.starttls(context=insecure_context())
+        client.ehlo("client.example.org")
+        assert client.mail("someone@example.org")[0] == 250
+        code, text = client.docmd("AUTH PLAIN " + base64.b64encode(b"\0dave@example.test\0dave-pw").decode())
+        assert (code, text[:5]) == (503, b"5.5.1")
+
+
+@pytest.mark.parametrize("command,code", [
+    ("AUTH", 501),
+    ("AUTH BOGUS", 504),
+    ("AUTH PLAIN !!!notbase64", 501),
+    ("AUTH PLAIN =", 501),
+    ("AUTH PLAIN " + base64.b64encode(b"no-nul-at-all").decode(), 501),
+    ("AUTH PLAIN " + base64.b64encode(b"bob@example.test\0dave@example.test\0dave-pw").decode(), 501),
+    ("AUTH CRAM-MD5 extra words here", 501),
+])
+def test_auth_garbage_gets_a_reply_and_the_session_goes_on(mta, command, code):
+    with submission(mta) as client:
+        assert client.docmd(command)[0] == code
+        assert client.noop()[0] == 250
+
+
+def test_star_cancels_an_exchange(mta):
+    with submission(mta) as client:
+        assert client.docmd("AUTH LOGIN")[0] == 334
+        code, text = client.docmd("*")
+        assert (code, text[:5]) == (501, b"5.0.0")
+        assert client.noop()[0] == 250
+
+
+def test_garbage_inside_login_exchange(mta):
+    with submission(mta) as client:
+        assert client.docmd("AUTH LOGIN")[0] == 334
+        assert client.docmd("%%%")[0] == 501
+        assert client.docmd("AUTH CRAM-MD5")[0] == 334
+        assert client.docmd(base64.b64encode(b"carol@example.test nothex").decode())[0] == 501
+
+
+def test_failures_get_535_then_421_and_close(mta):
+    with submission(mta) as client:
+        client.user, client.password = "dave@example.test", "wrong"
+        for _ in range(2):
+            code, text = client.docmd("AUTH PLAIN " + base64.b64encode(b"\0dave@example.test\0wrong").decode())
+            assert (code, text[:5]) == (535, b"5.7.8")
+        client.send(b"AUTH PLAIN " + base64.b64encode(b"\0dave@example.test\0wrong") + b"\r\n")
+        assert client.getreply()[0] == 535
+        assert client.getreply()[0] == 421
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            client.noop()
+    line = mta.wait_for_log(r"auth failed: client=\[127\.0\.0\.1\] mechanism=PLAIN user=dave@example\.test")
+    assert "wrong" not in line
+
+
+def test_failure_delay_grows(mta):
+    with submission(mta) as client:
+        timings = []
+        for _ in range(2):
+            started = time.monotonic()
+            client.docmd("AUTH PLAIN " + base64.b64encode(b"\0nobody@example.test\0x").decode())
+            timings.append(time.monotonic() - started)
+    assert timings[1] > timings[0]
+
+
+def test_authenticated_user_may_relay_and_is_logged(mta):
+    with submission(mta) as client:
+        client.login("dave@example.test", "dave-pw")
+        assert client.sendmail("dave@example.test", ["friend@remote.example"], b"Subject: r\r\n\r\nx\r\n") == {}
+    mta.wait_for_log(r"from=<dave@example\.test> .* sasl_username=dave@example\.test")
+    assert list((mta.spool / "queue").glob("*.env"))
+
+
+def test_unauthenticated_client_cannot_relay(mta):
+    with mta.smtp("smtp") as client:
+        client.ehlo("client.example.org")
+        client.mail("someone@example.org")
+        code, text = client.rcpt("friend@remote.example")
+        assert (code, text[:5]) == (554, b"5.7.1")
+
+
+@pytest.mark.parametrize("sender,allowed", [
+    ("dave@example.test", True),
+    ("DAVE+lists@example.test", True),
+    ("bob@example.test", False),
+    ("someone@example.org", False),
+    ("", False),
+])
+def test_authenticated_user_sends_only_as_own_address(mta, sender, allowed):
+    with submission(mta) as client:
+        client.login("dave@example.test", "dave-pw")
+        code, text = client.mail(sender)
+        if allowed:
+            assert code == 250
+        else:
+            assert (code, text[:5]) == (553, b"5.7.1")
+
+
+def test_alias_that_delivers_to_the_user_is_an_own_address(mta):
+    with submission(mta) as client:
+        client.login("alice@example.test", "alice-pw")
+        assert client.mail("team@example.test")[0] == 250
+
+
+def _login_time(mta, address, password):
+    with submission(mta) as client:
+        started = time.monotonic()
+        client.docmd("AUTH PLAIN " + base64.b64encode(f"\0{address}\0{password}".encode()).decode())
+        return time.monotonic() - started
+
+
+def test_unknown_users_take_as_long_as_known_ones(mta):
+    known = min(_login_time(mta, "alice@example.test", "wrong") for _ in range(2))
+    unknown = min(_login_time(mta, "nobody@example.test", "wrong") for _ in range(2))
+    assert known / 10 < unknown < known * 10
+
+
+def test_slow_hash_does_not_block_other_sessions(mta):
+    """While one argon2 login is checked, another session is served at once."""
+    with submission(mta) as slow, mta.smtp("smtp") as other:
+        other.ehlo("client.example.org")
+        slow.send(b"AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0alice-pw") + b"\r\n")
+        started = time.monotonic()
+        assert other.noop()[0] == 250
+        noop_time = time.monotonic() - started
+        assert slow.getreply()[0] == 235
+        login_time = time.monotonic() - started
+    assert noop_time < login_time
+
+
+def test_concurrent_logins_are_not_serialised(mta):
+    """Two bcrypt checks (single-threaded, unlike argon2's lanes) at once
+    take about as long as one: they run in threads, not on the reactor."""
+    command = b"AUTH PLAIN " + base64.b64encode(b"\0bob@example.test\0bob-pw") + b"\r\n"
+    clients = [submission(mta) for _ in range(3)]
+    try:
+        started = time.monotonic()
+        clients[0].send(command)
+        assert clients[0].getreply()[0] == 235
+        single = time.monotonic() - started
+        started = time.monotonic()
+        for client in clients[1:]:
+            client.send(command)
+        assert [client.getreply()[0] for client in clients[1:]] == [235, 235]
+        both = time.monotonic() - started
+    finally:
+        for client in clients:
+            client.close()
+    assert both < single * 1.7
+
+
+def test_received_header_names_user_only_when_configured(mta):
+    with submission(mta) as client:
+        client.login("dave@example.test", "dave-pw")
+        client.sendmail("dave@example.test", ["carol@example.test"], b"Subject: who\r\n\r\nx\r\n")
+    [message] = [m for m in mta.messages("example.test", "carol") if b"Subject: who" in m]
+    assert b"dave@example.test" not in message.split(b"\nSubject:")[0].split(b"Received:")[1]
+    assert b"with ESMTPSA" in message
+
+
+def test_strcred_memory_and_file_checkers(tmp_path):
+    passwords = tmp_path / "passwd"
+    passwords.write_text("frank@example.test:frank-pw\n")
+    daemon = make_daemon(tmp_path / "mta", extra=EXTRA)
+    daemon.start(("--auth", "memory:eve@example.test:eve-pw", "--auth", f"file:{passwords}"))
+    try:
+        for user, password in (("eve@example.test", "eve-pw"), ("frank@example.test", "frank-pw")):
+            with submission(daemon) as client:
+                assert client.login(user, password)[0] == 235
+        with submission(daemon) as client:
+            client.user, client.password = "eve@example.test", "eve-pw"
+            assert client.auth("CRAM-MD5", client.auth_cram_md5)[0] == 235
+    finally:
+        daemon.stop()
+
+
+def test_password_only_checker_hides_cram_md5(tmp_path):
+    daemon = make_daemon(tmp_path / "mta", extra=EXTRA)
+    daemon.config.write_text(daemon.config.read_text().replace('file = "users"', 'file = ""'))
+    daemon.start(("--auth", "unix"))
+    try:
+        with submission(daemon) as client:
+            assert auth_line(client).split() == ["PLAIN", "LOGIN"]
+    finally:
+        daemon.stop()
+
+
+def test_no_checker_no_auth(tmp_path):
+    daemon = make_daemon(tmp_path / "mta", extra=EXTRA)
+    daemon.config.write_text(daemon.config.read_text().replace('file = "users"', 'file = ""'))
+    daemon.start()
+    try:
+        with submission(daemon) as client:
+            assert "auth" not in client.esmtp_features
+    finally:
+        daemon.stop()
+
+
+def test_users_file_reread_without_restart(mta):
+    users = mta.root / "users"
+    original = users.read_text()
+    users.write_text(original + "gina@example.test:{PLAIN}gina-pw\n")
+    try:
+        with submission(mta) as client:
+            assert client.login("gina@example.test", "gina-pw")[0] == 235
+    finally:
+        users.write_text(original)
+
+
+SWAKS = shutil.which("swaks")
+
+
+@pytest.mark.skipif(SWAKS is None, reason="swaks is not installed")
+@pytest.mark.parametrize("mechanism,address", [
+    ("CRAM-MD5", "carol@example.test"), ("LOGIN", "bob@example.test"), ("PLAIN", "alice@example.test"),
+])
+def test_swaks(mta, mechanism, address):
+    result = subprocess.run(
+        [SWAKS, "--server", f"127.0.0.1:{mta.ports['submission']}", "--tls",
+         "--auth", mechanism, "--auth-user", address, "--auth-password", PASSWORDS[address][1],
+         "--from", address, "--to", "postmaster@example.test", "--helo", "client.example.org"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "235 2.7.0" in result.stdout
+
+
+FAIL2BAN_REGEX = shutil.which("fail2ban-regex")
+FILTER = Path(__file__).resolve().parent.parent / "etc" / "fail2ban" / "filter.d" / "twisted-mta.conf"
+
+
+@pytest.mark.skipif(FAIL2BAN_REGEX is None, reason="fail2ban is not installed")
+def test_fail2ban_filter_matches_what_the_server_logs(mta):
+    with submission(mta) as client:
+        client.docmd("AUTH PLAIN " + base64.b64encode(b"\0mallory@example.test\0guess").decode())
+    mta.wait_for_log(r"auth failed: .*user=mallory@example\.test")
+    result = subprocess.run(
+        [FAIL2BAN_REGEX, "--print-all-matched", str(mta.root / "daemon.log"), str(FILTER)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    matched = [line for line in result.stdout.splitlines() if "auth failed:" in line and "mallory" in line]
+    assert matched
+    total = re.search(r"Lines: \d+ lines, \d+ ignored, (\d+) matched", result.stdout)
+    failures = sum("auth failed:" in line for line in (mta.root / "daemon.log").read_text().splitlines())
+    assert int(total.group(1)) == failures

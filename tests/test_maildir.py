@@ -1,0 +1,103 @@
+"""Maildir names, folders and the checks on names taken from addresses."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+
+import pytest
+
+from twisted_mta.delivery import maildir
+from twisted_mta.delivery.maildir import (
+    UnsafeMailboxName,
+    check_path_component,
+    ensure_maildir,
+    mailbox_path,
+    open_temporary,
+)
+from twisted_mta.queue import committer
+
+TEMPORARY = re.compile(r"^(\d+)\.M(\d{1,6})P(\d+)Q(\d+)\.([^/:,]+)$")
+FINAL = re.compile(r"^(\d+)\.M(\d{1,6})P(\d+)V([0-9a-f]+)I([0-9a-f]+)_(\d+)\.([^/:,]+),S=(\d+)$")
+
+
+@pytest.mark.parametrize("name", ["alice", "alice+tag", "a.b", "jöhn", "x" * 255, "o'neil"])
+def test_safe_names_are_kept(name):
+    assert check_path_component(name) == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", ".", "..", ".hidden", "a..b", "a/b", "/", "a\\b", "a\x00b", "a\nb", "a\x1fb", "a\x7fb",
+     "é" * 128],
+)
+def test_names_that_could_escape_or_confuse_are_refused(name):
+    with pytest.raises(UnsafeMailboxName):
+        check_path_component(name)
+
+
+def test_mailbox_path_is_domain_then_local(tmp_path):
+    assert mailbox_path(tmp_path, "example.test", "alice") == tmp_path / "example.test" / "alice"
+    with pytest.raises(UnsafeMailboxName):
+        mailbox_path(tmp_path, "example.test", "../alice")
+    with pytest.raises(UnsafeMailboxName):
+        mailbox_path(tmp_path, "..", "alice")
+
+
+def test_ensure_maildir_creates_private_folders_and_syncs_them(tmp_path, monkeypatch):
+    synced: list[str] = []
+    monkeypatch.setattr(maildir, "fsync_directory", synced.append)
+    monkeypatch.setattr(committer, "fsync_directory", synced.append)
+    box = tmp_path / "mail" / "example.test" / "alice"
+    ensure_maildir(box)
+    for folder in (tmp_path / "mail", box.parent, box, box / "tmp", box / "new", box / "cur"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    # each new folder's entry in its parent, then the maildir's own entries
+    assert synced == [str(tmp_path), str(tmp_path / "mail"), str(box.parent), str(box)]
+    synced.clear()
+    ensure_maildir(box)
+    assert synced == []
+
+
+def test_ensure_maildir_completes_a_partial_one(tmp_path):
+    box = tmp_path / "alice"
+    (box / "new").mkdir(parents=True)
+    ensure_maildir(box)
+    assert sorted(p.name for p in box.iterdir()) == ["cur", "new", "tmp"]
+
+
+def test_temporary_and_final_names(tmp_path):
+    ensure_maildir(tmp_path)
+    temporary = open_temporary(tmp_path)
+    try:
+        name = os.path.basename(temporary.path)
+        seconds, micro, pid, sequence, host = TEMPORARY.match(name).groups()
+        assert os.path.dirname(temporary.path) == str(tmp_path / "tmp")
+        assert int(pid) == os.getpid()
+        final = temporary.final_path(1234)
+        assert os.path.dirname(final) == str(tmp_path / "new")
+        match = FINAL.match(os.path.basename(final))
+        assert match, final
+        info = os.fstat(temporary.fd)
+        assert match.groups() == (
+            seconds, micro, pid, f"{info.st_dev:x}", f"{info.st_ino:x}", sequence, host, "1234"
+        )
+        assert stat.S_IMODE(info.st_mode) == 0o600
+        # readable: the copies for other mailboxes are taken from this file
+        os.write(temporary.fd, b"body")
+        assert os.pread(temporary.fd, 4, 0) == b"body"
+    finally:
+        os.close(temporary.fd)
+
+
+def test_names_are_unique_within_a_process(tmp_path):
+    ensure_maildir(tmp_path)
+    files = [open_temporary(tmp_path) for _ in range(200)]
+    for temporary in files:
+        os.close(temporary.fd)
+    assert len({t.path for t in files}) == len({t.final_path(1) for t in files}) == 200
+
+
+def test_hostname_cannot_break_the_name():
+    assert maildir._maildir_safe("a/b:c,d\\e") == "a\\057b\\072c\\054d\\134e"
