@@ -359,3 +359,37 @@ def test_fail2ban_filter_matches_what_the_server_logs(mta):
     total = re.search(r"Lines: \d+ lines, \d+ ignored, (\d+) matched", result.stdout)
     failures = sum("auth failed:" in line for line in (mta.root / "daemon.log").read_text().splitlines())
     assert int(total.group(1)) == failures
+
+
+def test_mta_users_checker_plugin_and_received_user(tmp_path):
+    """--auth mta-users:FILE, our checker as a strcred plugin; and
+    received_user = true names the login in the Received header."""
+    users = tmp_path / "extra-users"
+    users.write_text("henry@example.test:" + hash_password("cram-md5", "henry-pw") + "\n")
+    daemon = make_daemon(tmp_path / "mta", extra=EXTRA.replace("[auth]\n", "[auth]\nreceived_user = true\n"))
+    daemon.start(("--auth", f"mta-users:{users}"))
+    try:
+        with submission(daemon) as client:
+            assert client.login("henry@example.test", "henry-pw")[0] == 235
+            client.sendmail("henry@example.test", ["postmaster@example.test"], b"Subject: h\r\n\r\nx\r\n")
+        [message] = daemon.messages("example.test", "postmaster")
+        received = message.split(b"\nSubject:")[0].split(b"Received:")[1]
+        assert b"(authenticated as henry@example.test)" in received
+    finally:
+        daemon.stop()
+
+
+def test_failures_slow_down_the_address_across_connections(tmp_path):
+    daemon = make_daemon(tmp_path / "mta", extra=EXTRA.replace('"0.05s"', '"0.2s"'))
+    daemon.start()
+    wrong = "AUTH PLAIN " + base64.b64encode(b"\0nobody@example.test\0x").decode()
+    try:
+        durations = []
+        for _ in range(3):
+            with submission(daemon) as client:
+                started = time.monotonic()
+                assert client.docmd(wrong)[0] == 535
+                durations.append(time.monotonic() - started)
+        assert durations[0] < 0.6 < durations[2]
+    finally:
+        daemon.stop()

@@ -1,0 +1,96 @@
+"""TLS on the listeners: configured certificate, TLS 1.2 floor, self-signed default."""
+
+import datetime
+import smtplib
+import ssl
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from daemon import insecure_context
+
+
+def make_certificate(directory, name):
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), False)
+        .sign(key, hashes.SHA256())
+    )
+    (directory / "cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return certificate
+
+
+def peer_certificate(client):
+    der = client.sock.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der)
+
+
+def test_self_signed_certificate_made_at_first_start(mta):
+    assert (mta.spool / "tls" / "selfsigned.pem").exists()
+    with mta.smtp() as client:
+        client.ehlo("client.example.org")
+        client.starttls(context=insecure_context())
+        cn = peer_certificate(client).subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        assert cn == "mx.example.test"
+
+
+def test_configured_certificate_is_served_on_both_tls_kinds(start_mta, tmp_path):
+    (tmp_path / "tls").mkdir()
+    certificate = make_certificate(tmp_path / "tls", "mail.example.test")
+    extra = f'[tls]\ncertificate = "{tmp_path}/tls/cert.pem"\nprivate_key = "{tmp_path}/tls/key.pem"\n'
+    daemon = start_mta(extra=extra)
+    with daemon.smtp("submission") as client:
+        client.ehlo("client.example.org")
+        client.starttls(context=insecure_context())
+        assert peer_certificate(client) == certificate
+    with daemon.smtp("submissions") as client:
+        assert peer_certificate(client) == certificate
+    assert not (daemon.spool / "tls" / "selfsigned.pem").exists()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1])
+def test_tls_before_1_2_is_refused(mta, version):
+    context = insecure_context()
+    context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+    context.maximum_version = version
+    try:
+        context.set_ciphers("ALL:@SECLEVEL=0")
+    except ssl.SSLError:
+        pytest.skip("this OpenSSL cannot offer old TLS at all")
+    with mta.smtp() as client:
+        client.ehlo("client.example.org")
+        with pytest.raises((ssl.SSLError, smtplib.SMTPServerDisconnected, ConnectionError)):
+            client.starttls(context=context)
+
+
+def test_tls_1_2_works(mta):
+    context = insecure_context()
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    with mta.smtp() as client:
+        client.ehlo("client.example.org")
+        client.starttls(context=context)
+        assert client.sock.version() == "TLSv1.2"
+        assert client.sendmail("a@example.org", ["postmaster@example.test"], b"Subject: t\r\n\r\nx\r\n") == {}
+    [message] = [m for m in mta.messages("example.test", "postmaster") if b"TLSv1.2 with cipher" in m]
+    assert b"with ESMTPS" in message
+
+
+def test_unreadable_certificate_stops_the_start(tmp_path):
+    from daemon import make_daemon
+
+    daemon = make_daemon(tmp_path / "mta", extra=f'[tls]\ncertificate = "{tmp_path}/missing.pem"\nprivate_key = "{tmp_path}/missing.key"\n')
+    with pytest.raises(RuntimeError) as raised:
+        daemon.start()
+    assert "missing.pem" in str(raised.value) and "tls.certificate" in str(raised.value)
