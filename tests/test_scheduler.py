@@ -1,0 +1,161 @@
+"""The queue scheduler with a fake clock and fake deliveries."""
+
+import json
+
+import pytest
+from twisted.internet import defer, task
+
+from twisted_mta.queue.scheduler import Outcome, Policy, Scheduler
+from twisted_mta.queue.spool import Envelope
+from twisted_mta.queue.store import FAILED, SENT, QueueStore
+
+
+def queue(tmp_path, queue_id, recipients, now=0.0, sender="s@example.org"):
+    envelope = Envelope(sender, tuple(recipients), {"ip": "127.0.0.1"}, "7BIT", False)
+    (tmp_path / f"{queue_id}.msg").write_bytes(b"Subject: x\n\nbody\n")
+    (tmp_path / f"{queue_id}.env").write_bytes(envelope.to_json(queue_id, 17, now))
+
+
+class Harness:
+    def __init__(self, tmp_path, policy=None):
+        self.clock = task.Clock()
+        self.store = QueueStore(tmp_path)
+        self.calls = []
+        self.reports = []
+        self.answers = {}
+        self.pending = []
+        self.scheduler = Scheduler(
+            store=self.store,
+            deliver=self.deliver,
+            report=self.report,
+            destination=lambda address: address.rpartition("@")[2],
+            policy=policy or Policy(retry_min=300, retry_max=3600, lifetime=5 * 86400),
+            clock=self.clock,
+        )
+
+    def start(self):
+        self.scheduler.startService()
+        self.clock.advance(0)
+
+    def deliver(self, message, recipients):
+        self.calls.append((self.clock.seconds(), message.id, [r.address for r in recipients]))
+        answer = self.answers.get("hold")
+        if answer:
+            d = defer.Deferred()
+            self.pending.append((d, recipients))
+            return d
+        return [self._outcome(r.address) for r in recipients]
+
+    def _outcome(self, address):
+        code = self.answers.get(address, "250")
+        return Outcome(address, code == "250", code.startswith("5"),
+                       {"250": "2.0.0", "451": "4.0.0", "550": "5.1.1"}[code], f"{code} reply", "mx.test[192.0.2.1]:25")
+
+    def report(self, message, recipients, action):
+        self.reports.append((message.id, action, [r.address for r in recipients]))
+        return defer.succeed(None)
+
+
+def test_new_message_is_tried_at_once_and_removed_when_sent(tmp_path):
+    queue(tmp_path, "0000000000001AAAA", ["a@one.test", "b@two.test", "c@one.test"])
+    h = Harness(tmp_path)
+    h.start()
+    assert sorted(map(tuple, (c[2] for c in h.calls))) == [("a@one.test", "c@one.test"), ("b@two.test",)]
+    assert h.store.ids() == []
+    assert h.reports == []
+
+
+def test_temporary_failures_back_off_exponentially_then_succeed(tmp_path):
+    queue(tmp_path, "0000000000001AAAA", ["a@one.test"])
+    h = Harness(tmp_path)
+    h.answers["a@one.test"] = "451"
+    h.start()
+    for expected_gap in (300, 600, 1200, 2400, 3600, 3600):
+        h.clock.advance(expected_gap - 1)
+        count = len(h.calls)
+        h.clock.advance(1)
+        assert len(h.calls) == count + 1
+    state = h.store.load("0000000000001AAAA").recipients[0]
+    assert (state.attempts, state.last_error) == (7, "451 reply")
+    h.answers["a@one.test"] = "250"
+    h.clock.advance(3600)
+    assert h.store.ids() == []
+
+
+def test_permanent_failure_bounces_once_and_keeps_the_others(tmp_path):
+    queue(tmp_path, "0000000000001AAAA", ["bad@one.test", "good@one.test"])
+    h = Harness(tmp_path)
+    h.answers["bad@one.test"] = "550"
+    h.start()
+    assert h.reports == [("0000000000001AAAA", "failed", ["bad@one.test"])]
+    assert h.store.ids() == []
+
+
+def test_lifetime_expiry_fails_with_4_4_7(tmp_path):
+    queue(tmp_path, "0000000000001AAAA", ["a@one.test"])
+    h = Harness(tmp_path, Policy(retry_min=60, retry_max=60, lifetime=200))
+    h.answers["a@one.test"] = "451"
+    reports_seen = []
+    h.report = lambda m, r, a: (reports_seen.append([(x.state, x.status) for x in r]), defer.succeed(None))[1]
+    h.scheduler.report = h.report
+    h.start()
+    h.clock.advance(60)
+    h.clock.advance(120)
+    h.clock.advance(60)
+    assert reports_seen == [[(FAILED, "4.4.7")]]
+
+
+def test_sleeps_until_the_next_due_time_without_polling(tmp_path):
+    queue(tmp_path, "0000000000001AAAA", ["a@one.test"])
+    h = Harness(tmp_path)
+    h.answers["a@one.test"] = "451"
+    h.start()
+    assert [c.getTime() for c in h.clock.getDelayedCalls()] == [300.0]
+
+
+def test_restart_keeps_states_and_never_resends_to_sent_recipients(tmp_path):
+    queue(tmp_path, "0000000000001AAAA", ["ok@one.test", "later@two.test"])
+    h = Harness(tmp_path)
+    h.answers["later@two.test"] = "451"
+    h.start()
+    h.scheduler.stopService()
+    again = Harness(tmp_path)
+    again.answers["later@two.test"] = "451"
+    again.clock.advance(300)
+    again.start()
+    assert [c[2] for c in again.calls] == [["later@two.test"]]
+    states = {r.address: r.state for r in again.store.load("0000000000001AAAA").recipients}
+    assert states == {"ok@one.test": SENT, "later@two.test": "queued"}
+
+
+def test_concurrency_limits(tmp_path):
+    for n in range(6):
+        queue(tmp_path, f"000000000000{n}AAAA", [f"x{n}@one.test"])
+    h = Harness(tmp_path, Policy(retry_min=300, retry_max=3600, lifetime=86400, max_concurrent=4, per_destination=2))
+    h.answers["hold"] = True
+    h.start()
+    assert len(h.pending) == 2
+    for d, recipients in list(h.pending):
+        d.callback([h._outcome(r.address) for r in recipients])
+    h.clock.advance(1)
+    assert len(h.pending) == 4
+
+
+def test_delay_warning_sent_once(tmp_path):
+    queue(tmp_path, "0000000000001AAAA", ["a@one.test"])
+    h = Harness(tmp_path, Policy(retry_min=100, retry_max=100, lifetime=10000, delay_warning=250))
+    h.answers["a@one.test"] = "451"
+    h.start()
+    h.clock.pump([100] * 6)
+    assert [r[1] for r in h.reports] == ["delayed"]
+    assert h.store.load("0000000000001AAAA").delay_warned
+
+
+def test_envelope_stays_valid_json_with_version(tmp_path):
+    queue(tmp_path, "0000000000001AAAA", ["a@one.test"])
+    h = Harness(tmp_path)
+    h.answers["a@one.test"] = "451"
+    h.start()
+    document = json.loads((tmp_path / "0000000000001AAAA.env").read_text())
+    assert document["version"] == 1
+    assert document["recipients"][0]["last_error"] == "451 reply"

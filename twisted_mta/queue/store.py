@@ -1,0 +1,164 @@
+"""The queue on disk: read, change and remove queued messages safely.
+
+A queued message is ``queue/<id>.msg`` (its bytes, LF line endings) and
+``queue/<id>.env`` (the JSON envelope written at intake, see ``spool``).
+The envelope is changed only by writing a new one beside it, fsyncing it
+and renaming it over the old one, so a crash leaves either version.  The
+daemon and the ``twisted-mta queue`` command both change envelopes; each
+read-change-write holds ``queue/.lock`` (an flock, a few microseconds), so
+neither overwrites the other's change.  A message is removed envelope
+first: a ``.msg`` left without its ``.env`` is cleaned up at the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from twisted_mta.queue.committer import fsync_directory
+from twisted_mta.queue.spool import ENVELOPE_VERSION
+
+QUEUED, SENT, FAILED = "queued", "sent", "failed"
+_ID = re.compile(r"[0-9A-F]{8,32}")
+
+
+class UnknownMessage(KeyError):
+    """No message with that id is in the queue."""
+
+
+@dataclass
+class RecipientState:
+    address: str
+    state: str = QUEUED
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_error: str | None = None
+    status: str | None = None
+    remote: str | None = None
+    last_attempt: float | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.state == QUEUED
+
+
+@dataclass
+class QueuedMessage:
+    id: str
+    arrival: float
+    size: int
+    sender: str
+    recipients: list[RecipientState]
+    client: dict = field(default_factory=dict)
+    authenticated: str | None = None
+    body: str = "7BIT"
+    smtputf8: bool = False
+    delay_warned: bool = False
+    version: int = ENVELOPE_VERSION
+
+    @classmethod
+    def from_json(cls, document: dict) -> "QueuedMessage":
+        if document.get("version") != ENVELOPE_VERSION:
+            raise ValueError(f"unsupported envelope version {document.get('version')!r}")
+        known = set(cls.__dataclass_fields__)
+        fields = {k: v for k, v in document.items() if k in known}
+        fields["recipients"] = [RecipientState(**r) for r in document["recipients"]]
+        return cls(**fields)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()
+
+    def pending(self) -> list[RecipientState]:
+        return [r for r in self.recipients if r.pending]
+
+    def next_due(self) -> float | None:
+        due = [r.next_attempt for r in self.recipients if r.pending]
+        return min(due) if due else None
+
+
+@dataclass(frozen=True)
+class QueueStore:
+    directory: Path
+
+    def ids(self) -> list[str]:
+        """Ids of complete queued messages, oldest first."""
+        names = set(os.listdir(self.directory))
+        return sorted(
+            name[:-4]
+            for name in names
+            if name.endswith(".env") and _ID.fullmatch(name[:-4]) and f"{name[:-4]}.msg" in names
+        )
+
+    def data_path(self, queue_id: str) -> Path:
+        return self.directory / f"{_checked(queue_id)}.msg"
+
+    def load(self, queue_id: str) -> QueuedMessage:
+        path = self.directory / f"{_checked(queue_id)}.env"
+        try:
+            document = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise UnknownMessage(queue_id) from None
+        return QueuedMessage.from_json(document)
+
+    def messages(self) -> Iterator[QueuedMessage]:
+        for queue_id in self.ids():
+            try:
+                yield self.load(queue_id)
+            except UnknownMessage:
+                continue
+
+    def update(
+        self, queue_id: str, change: Callable[[QueuedMessage], None]
+    ) -> QueuedMessage:
+        """Apply ``change`` to the current envelope and store it durably."""
+        with self._locked():
+            message = self.load(queue_id)
+            change(message)
+            self._write(message)
+            return message
+
+    def remove(self, queue_id: str) -> None:
+        """Take a message out of the queue (envelope first)."""
+        with self._locked():
+            envelope = self.directory / f"{_checked(queue_id)}.env"
+            try:
+                os.unlink(envelope)
+            except FileNotFoundError:
+                raise UnknownMessage(queue_id) from None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.data_path(queue_id))
+            fsync_directory(str(self.directory))
+
+    def _write(self, message: QueuedMessage) -> None:
+        final = self.directory / f"{message.id}.env"
+        temporary = self.directory / f"{message.id}.env.{os.getpid()}.tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, message.to_json())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temporary, final)
+        fsync_directory(str(self.directory))
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+def _checked(queue_id: str) -> str:
+    """Refuse ids that are not ours, so no path can be built from them."""
+    if not _ID.fullmatch(queue_id):
+        raise UnknownMessage(queue_id)
+    return queue_id
