@@ -6,11 +6,14 @@ import argparse
 import getpass
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from twisted_mta.auth.passwords import SCHEMES, hash_password
 from twisted_mta.auth.usersfile import set_password_line
 from twisted_mta.config import ConfigError, dump_config, load_config
+from twisted_mta.queue import control
+from twisted_mta.queue.store import QueueStore, UnknownMessage
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -63,6 +66,48 @@ def _read_password(from_stdin: bool) -> str | None:
     return password
 
 
+def _queue(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, os.environ, check_files=False)
+    except ConfigError as error:
+        print(f"twisted-mta: {error}", file=sys.stderr)
+        return 1
+    store = QueueStore(config.queue_dir)
+    if not config.queue_dir.is_dir():
+        print(f"twisted-mta: no queue at {config.queue_dir}", file=sys.stderr)
+        return 1
+    try:
+        return _queue_action(args, store)
+    except UnknownMessage:
+        print(f"twisted-mta: no message {args.id} in the queue", file=sys.stderr)
+        return 1
+
+
+def _queue_action(args: argparse.Namespace, store: QueueStore) -> int:
+    if args.action in ("delete", "bounce") and not args.id:
+        print(f"twisted-mta: queue {args.action} needs a message id", file=sys.stderr)
+        return 2
+    if args.action == "list":
+        messages = list(store.messages())
+        if args.json:
+            print(control.as_json(messages))
+        elif messages:
+            now = time.time()
+            print("\n\n".join(control.describe(m, now) for m in messages))
+            print(f"\n-- {len(messages)} message(s) in the queue")
+        else:
+            print("the queue is empty")
+    elif args.action == "flush":
+        print(f"{control.flush(store)} message(s) due now")
+    elif args.action == "delete":
+        control.delete(store, args.id)
+        print(f"deleted {args.id}")
+    else:
+        control.bounce(store, args.id)
+        print(f"{args.id} will be returned to its sender")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twisted-mta", description="Manage twisted-mta.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     passwd.add_argument("--scheme", choices=SCHEMES, default="argon2id")
     passwd.add_argument("--stdin", action="store_true", help="read the password from stdin")
     passwd.set_defaults(run=_passwd)
+    queue = commands.add_parser("queue", help="list or change the mail queue")
+    queue.add_argument("action", choices=["list", "flush", "delete", "bounce"])
+    queue.add_argument("id", nargs="?", help="the message id (delete, bounce)")
+    queue.add_argument("--config", help="the TOML config file (default: $TWISTED_MTA_CONFIG)")
+    queue.add_argument("--json", action="store_true", help="list as JSON")
+    queue.set_defaults(run=_queue)
     return parser
 
 
