@@ -140,4 +140,5 @@ def _settings(config: Config, kind: str) -> ServerSettings:
         implicit_tls=kind == "submissions",
         auth_requires_tls=config.auth.require_tls,
         max_auth_failures=limits.max_auth_failures,
+        max_hops=limits.max_hops,
     )

@@ -12,6 +12,7 @@ body can never be read as commands.
 from __future__ import annotations
 
 from collections.abc import Callable
+import re
 from dataclasses import dataclass
 
 MAX_LINE = 998  # RFC 5321 4.5.3.1.6, without the CRLF
@@ -19,6 +20,8 @@ MAX_LINE = 998  # RFC 5321 4.5.3.1.6, without the CRLF
 BARE_LINE_ENDING = "bare CR or LF"
 LINE_TOO_LONG = "line too long"
 TOO_BIG = "message too big"
+TOO_MANY_HOPS = "too many hops"
+_RECEIVED = re.compile(rb"\nreceived:", re.IGNORECASE)
 
 
 @dataclass
@@ -29,13 +32,19 @@ class DataDecoder:
     has been seen and the size stays within ``max_size``.  ``feed`` returns
     ``None`` while the message goes on, or the bytes that followed the final
     ``.<CRLF>`` (pipelined commands) once it has ended.
+
+    ``hops`` counts the Received headers of the message header; more than
+    ``max_hops`` (0: no limit) is a mail loop (RFC 5321 6.3).
     """
 
     sink: Callable[[bytes], None]
     max_size: int
+    max_hops: int = 0
     size: int = 0
+    hops: int = 0
     fault: str | None = None
     _partial: bytes = b""
+    _in_header: bool = True
 
     def feed(self, chunk: bytes) -> bytes | None:
         data = self._partial + chunk if self._partial else chunk
@@ -83,7 +92,24 @@ class DataDecoder:
         if self.size > self.max_size:
             self._fail(TOO_BIG)
             return
+        if self._in_header:
+            self._count_hops(body)
+            if self.max_hops and self.hops > self.max_hops:
+                self._fail(TOO_MANY_HOPS)
+                return
         self.sink(body)
+
+    def _count_hops(self, body: bytes) -> None:
+        """Count Received headers up to the empty line ending the header.
+
+        ``body`` always starts at a line start, so "\n" before it is true.
+        """
+        section = b"\n" + body
+        end = section.find(b"\n\n")
+        if end >= 0:
+            section = section[: end + 1]
+            self._in_header = False
+        self.hops += len(_RECEIVED.findall(section))
 
     def _fail(self, fault: str) -> None:
         if self.fault is None:

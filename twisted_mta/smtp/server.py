@@ -40,7 +40,13 @@ from zope.interface import implementer
 
 from twisted_mta.auth.throttle import AuthThrottle
 from twisted_mta.smtp.address import PathError, parse_mail, parse_rcpt
-from twisted_mta.smtp.data import BARE_LINE_ENDING, LINE_TOO_LONG, TOO_BIG, DataDecoder
+from twisted_mta.smtp.data import (
+    BARE_LINE_ENDING,
+    LINE_TOO_LONG,
+    TOO_BIG,
+    TOO_MANY_HOPS,
+    DataDecoder,
+)
 from twisted_mta.smtp.modes import AUTH, CLOSED, COMMAND, DATA
 from twisted_mta.smtp.policy import ITransactionDelivery, Session
 from twisted_mta.smtp.sasl import SaslMixin
@@ -70,6 +76,7 @@ class ServerSettings:
     implicit_tls: bool = False
     auth_requires_tls: bool = True
     max_auth_failures: int = 3
+    max_hops: int = 0
 
 
 @dataclass
@@ -518,7 +525,9 @@ class MTAServer(SaslMixin, smtp.ESMTP):
             self._message = self._open_message()
         except Exception:
             return self._reply_failure(Failure(), _LOCAL_ERROR)
-        self._decoder = DataDecoder(self._write_body, self.settings.max_message_size)
+        self._decoder = DataDecoder(
+            self._write_body, self.settings.max_message_size, self.settings.max_hops
+        )
         self._mode = DATA
         # Enhanced codes have no class 3 (RFC 3463): none on 354, like Postfix.
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
@@ -572,6 +581,8 @@ class MTAServer(SaslMixin, smtp.ESMTP):
             self.reply(554, "5.6.0", "Error: line longer than 998 characters; message refused")
         elif fault == TOO_BIG:
             self.reply(552, "5.3.4", "Error: message exceeds fixed maximum message size")
+        elif fault == TOO_MANY_HOPS:
+            self.reply(554, "5.4.6", "Error: too many hops (mail loop?); message refused")
         else:
             self._reply_failure(failure, _LOCAL_ERROR)
 
