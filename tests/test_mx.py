@@ -2,7 +2,6 @@
 
 import random
 
-import pytest
 from twisted.internet import defer
 from twisted.names import dns
 from twisted.names.error import DNSNameError, DNSServerError

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 from twisted.internet import defer, task
 
 from twisted_mta.queue.scheduler import Outcome, Policy, Scheduler

@@ -11,82 +11,69 @@ from collections.abc import Sequence
 
 from twisted_mta.auth.passwords import SCHEMES, hash_password
 from twisted_mta.auth.usersfile import set_password_line
-from twisted_mta.config import ConfigError, dump_config, load_config
+from twisted_mta.config import Config, ConfigError, dump_config, load_config
 from twisted_mta.queue import control
 from twisted_mta.queue.store import QueueStore, UnknownMessage
 
 
-def _check_config(args: argparse.Namespace) -> int:
+class CommandError(Exception):
+    """A one-line reason to stop with exit status 1."""
+
+
+def _config(args: argparse.Namespace, check_files: bool = True) -> Config:
     try:
-        config = load_config(args.config, os.environ)
+        return load_config(args.config, os.environ, check_files=check_files)
     except ConfigError as error:
-        print(f"twisted-mta: {error}", file=sys.stderr)
-        return 1
-    sys.stdout.write(dump_config(config))
+        raise CommandError(str(error)) from None
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    sys.stdout.write(dump_config(_config(args)))
     return 0
 
 
 def _passwd(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config, os.environ, check_files=False)
-    except ConfigError as error:
-        print(f"twisted-mta: {error}", file=sys.stderr)
-        return 1
+    config = _config(args, check_files=False)
     if config.users.file is None:
-        print("twisted-mta: the config names no [users] file", file=sys.stderr)
-        return 1
+        raise CommandError("the config names no [users] file")
     address = args.address.strip()
     local, at, domain = address.rpartition("@")
     if not (local and at and domain) or any(c in address for c in ":# \t\r\n"):
-        print(f"twisted-mta: not a valid login address: {address!r}", file=sys.stderr)
-        return 1
+        raise CommandError(f"not a valid login address: {address!r}")
     password = _read_password(args.stdin)
-    if password is None:
-        return 1
     if args.scheme == "plain" and ":" in password:
-        print("twisted-mta: a {PLAIN} password cannot contain ':'", file=sys.stderr)
-        return 1
+        raise CommandError("a {PLAIN} password cannot contain ':'")
     replaced = set_password_line(config.users.file, address, hash_password(args.scheme, password))
     verb = "replaced" if replaced else "added"
     print(f"{verb} {address} in {config.users.file} ({args.scheme})")
     return 0
 
 
-def _read_password(from_stdin: bool) -> str | None:
+def _read_password(from_stdin: bool) -> str:
     if from_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
         password = getpass.getpass("Password: ")
         if getpass.getpass("Again: ") != password:
-            print("twisted-mta: the passwords differ", file=sys.stderr)
-            return None
-    if not password or "\n" in password or "\r" in password:
-        print("twisted-mta: empty password refused", file=sys.stderr)
-        return None
+            raise CommandError("the passwords differ")
+    if not password:
+        raise CommandError("empty password refused")
     return password
 
 
 def _queue(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config, os.environ, check_files=False)
-    except ConfigError as error:
-        print(f"twisted-mta: {error}", file=sys.stderr)
-        return 1
-    store = QueueStore(config.queue_dir)
+    config = _config(args, check_files=False)
     if not config.queue_dir.is_dir():
-        print(f"twisted-mta: no queue at {config.queue_dir}", file=sys.stderr)
-        return 1
+        raise CommandError(f"no queue at {config.queue_dir}")
+    if args.action in ("delete", "bounce") and not args.id:
+        raise CommandError(f"queue {args.action} needs a message id")
     try:
-        return _queue_action(args, store)
+        return _queue_action(args, QueueStore(config.queue_dir))
     except UnknownMessage:
-        print(f"twisted-mta: no message {args.id} in the queue", file=sys.stderr)
-        return 1
+        raise CommandError(f"no message {args.id} in the queue") from None
 
 
 def _queue_action(args: argparse.Namespace, store: QueueStore) -> int:
-    if args.action in ("delete", "bounce") and not args.id:
-        print(f"twisted-mta: queue {args.action} needs a message id", file=sys.stderr)
-        return 2
     if args.action == "list":
         messages = list(store.messages())
         if args.json:
@@ -131,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except CommandError as error:
+        print(f"twisted-mta: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

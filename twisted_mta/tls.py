@@ -17,6 +17,8 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 
+from twisted_mta.files import write_atomically
+
 
 class TLSError(Exception):
     """The certificate or key cannot be used; one line, naming the file."""
@@ -74,7 +76,7 @@ def self_signed(tls_dir: Path, hostname: str) -> tuple[Path, Path]:
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), False)
         .sign(key, hashes.SHA256())
     )
-    _write_private(
+    write_atomically(
         key_path,
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -82,16 +84,5 @@ def self_signed(tls_dir: Path, hostname: str) -> tuple[Path, Path]:
             serialization.NoEncryption(),
         ),
     )
-    _write_private(certificate, cert.public_bytes(serialization.Encoding.PEM))
+    write_atomically(certificate, cert.public_bytes(serialization.Encoding.PEM))
     return certificate, key_path
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    temporary = path.with_suffix(".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temporary, path)

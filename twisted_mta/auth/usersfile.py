@@ -7,9 +7,10 @@ the old file or the new one.
 
 from __future__ import annotations
 
-import os
 import stat
 from pathlib import Path
+
+from twisted_mta.files import write_atomically
 
 
 def set_password_line(path: Path, address: str, field: str) -> bool:
@@ -41,16 +42,4 @@ def _account_of(line: bytes) -> str | None:
 
 def _replace(path: Path, content: bytes) -> None:
     mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o600
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, content)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    write_atomically(path, content, mode)

@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from twisted_mta.queue.committer import fsync_directory, make_directories
+from twisted_mta.files import fsync_directory
+from twisted_mta.queue.committer import make_directories
 
 # Readable too: the copies for other mailboxes are taken from the first file.
 CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -22,6 +22,8 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorThreads
 from twisted.python.failure import Failure
 
+from twisted_mta.files import fsync_directory
+
 
 @dataclass
 class PendingFile:
@@ -194,12 +196,3 @@ def make_directories(path: Path) -> None:
             pass
     for directory in reversed(missing):
         fsync_directory(str(directory.parent))
-
-
-def fsync_directory(path: str) -> None:
-    """Flush a directory's entries (new names, renames) to disk."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

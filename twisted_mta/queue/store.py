@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from twisted_mta.queue.committer import fsync_directory
+from twisted_mta.files import fsync_directory, write_atomically
 from twisted_mta.queue.spool import ENVELOPE_VERSION
 
 QUEUED, SENT, FAILED = "queued", "sent", "failed"
@@ -136,16 +136,7 @@ class QueueStore:
             fsync_directory(str(self.directory))
 
     def _write(self, message: QueuedMessage) -> None:
-        final = self.directory / f"{message.id}.env"
-        temporary = self.directory / f"{message.id}.env.{os.getpid()}.tmp"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, message.to_json())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temporary, final)
-        fsync_directory(str(self.directory))
+        write_atomically(self.directory / f"{message.id}.env", message.to_json())
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

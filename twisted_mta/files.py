@@ -1,0 +1,34 @@
+"""Small durable-file primitives shared by the spool, the queue and the CLI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_directory(path: str | os.PathLike[str]) -> None:
+    """Flush a directory's entries (new names, renames) to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data``: a crash leaves the old or the new file.
+
+    The data goes to a temporary name beside ``path``, is fsynced, renamed
+    over ``path``, and the directory is fsynced.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, path)
+    fsync_directory(path.parent)
