@@ -44,25 +44,38 @@ class MXHost:
     name: str
 
 
-def _follow(answers, name: str, record_type: int) -> list:
-    """Records of ``record_type`` for ``name``, through a bounded CNAME chain."""
-    wanted = name.lower().rstrip(".")
+def _follow(answers, name: str, record_type: int) -> tuple[list, str]:
+    """Records of ``record_type`` for ``name`` through the CNAMEs in
+    ``answers``, and the name the chain ended at (to ask again when the
+    answer stopped at a CNAME)."""
+    wanted = _name(name)
     for _ in range(MAX_CNAME + 1):
-        found = [
-            r.payload
-            for r in answers
-            if r.type == record_type and r.name.name.decode("ascii", "replace").lower().rstrip(".") == wanted
-        ]
+        found = [r.payload for r in answers if r.type == record_type and _name(r.name) == wanted]
         if found:
-            return found
-        aliases = [
-            r.payload.name.name.decode("ascii", "replace").lower().rstrip(".")
-            for r in answers
-            if r.type == dns.CNAME and r.name.name.decode("ascii", "replace").lower().rstrip(".") == wanted
-        ]
+            return found, wanted
+        aliases = [_name(r.payload.name) for r in answers if r.type == dns.CNAME and _name(r.name) == wanted]
         if not aliases:
-            return []
+            return [], wanted
         wanted = aliases[0]
+    raise RouteError(False, "4.4.3", f"CNAME chain too long for {name}")
+
+
+def _name(value) -> str:
+    if isinstance(value, dns.Name):
+        value = value.name.decode("ascii", "replace")
+    return value.lower().rstrip(".")
+
+
+@defer.inlineCallbacks
+def _lookup(lookup, name: str, record_type: int):
+    """Records of ``record_type`` for ``name``, following CNAMEs across
+    queries too, at most ``MAX_CNAME`` names in all."""
+    for _ in range(MAX_CNAME):
+        answers, _, _ = yield lookup(name)
+        records, final = _follow(answers, name, record_type)
+        if records or final == _name(name):
+            return records
+        name = final
     raise RouteError(False, "4.4.3", f"CNAME chain too long for {name}")
 
 
@@ -79,15 +92,14 @@ def mx_hosts(resolver, domain: str):
     if _is_address_literal(domain):
         return [MXHost(0, domain)]
     try:
-        answers, _, _ = yield resolver.lookupMailExchange(domain)
+        records = yield _lookup(resolver.lookupMailExchange, domain, dns.MX)
     except DNSNameError:
         return [MXHost(0, domain)]
     except (DomainError, defer.TimeoutError) as error:
         raise RouteError(False, "4.4.3", f"MX lookup for {domain} failed: {error.__class__.__name__}")
-    records = _follow(answers, domain, dns.MX)
     if not records:
         return [MXHost(0, domain)]
-    exchanges = [(r.preference, r.name.name.decode("ascii", "replace").rstrip(".")) for r in records]
+    exchanges = [(r.preference, _name(r.name)) for r in records]
     if any(not name for _, name in exchanges):
         raise RouteError(True, "5.1.10", f"Domain {domain} does not accept mail (null MX)")
     return order_mx([MXHost(preference, name) for preference, name in exchanges])
@@ -99,16 +111,19 @@ def host_addresses(resolver, host: str):
     if _is_address_literal(host):
         return [host.strip("[]").removeprefix("IPv6:").removeprefix("ipv6:")]
     results = yield defer.DeferredList(
-        [resolver.lookupIPV6Address(host), resolver.lookupAddress(host)], consumeErrors=True
+        [
+            _lookup(resolver.lookupIPV6Address, host, dns.AAAA),
+            _lookup(resolver.lookupAddress, host, dns.A),
+        ],
+        consumeErrors=True,
     )
     addresses: list[str] = []
     failures = []
-    for (succeeded, value), record_type in zip(results, (dns.AAAA, dns.A)):
+    for succeeded, value in results:
         if not succeeded:
             failures.append(value)
             continue
-        answers, _, _ = value
-        addresses.extend(_address_text(record) for record in _follow(answers, host, record_type))
+        addresses.extend(_address_text(record) for record in value)
     if not addresses and failures and not all(f.check(DNSNameError) for f in failures):
         raise RouteError(False, "4.4.3", f"address lookup for {host} failed")
     return addresses

@@ -1,0 +1,48 @@
+"""A DNS server for tests: ``python dns_server.py ZONES.json``.
+
+Serves the records of a JSON file ``{"name": [["MX", 10, "mx1.test"],
+["A", "127.0.0.2"], ["AAAA", "::1"], ["CNAME", "other.test"]], ...}``
+authoritatively over UDP and TCP on 127.0.0.1, on a free port it prints
+as ``port N`` once it listens.  Names not in the file are NXDOMAIN.
+"""
+
+import json
+import sys
+
+from twisted.internet import reactor
+from twisted.names import authority, dns, server
+
+BUILDERS = {
+    "A": lambda ttl, address: dns.Record_A(address, ttl),
+    "AAAA": lambda ttl, address: dns.Record_AAAA(address, ttl),
+    "MX": lambda ttl, preference, name: dns.Record_MX(preference, name, ttl),
+    "CNAME": lambda ttl, name: dns.Record_CNAME(name, ttl),
+}
+
+
+class Zones(authority.FileAuthority):
+    def __init__(self, zones):
+        authority.FileAuthority.__init__(self, None)
+        self.soa = (b"test", dns.Record_SOA(mname="ns.test", rname="root.test", ttl=60))
+        self.records = {
+            name.lower().encode(): [BUILDERS[kind](60, *args) for kind, *args in entries]
+            for name, entries in zones.items()
+        }
+
+    def loadFile(self, filename):
+        """Records come from the constructor."""
+
+
+def main():
+    with open(sys.argv[1]) as zones_file:
+        zones = json.load(zones_file)
+    factory = server.DNSServerFactory(authorities=[Zones(zones)])
+    udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+    port = udp.getHost().port
+    reactor.listenTCP(port, factory, interface="127.0.0.1")
+    print(f"port {port}", flush=True)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
