@@ -19,6 +19,7 @@ from twisted_mta.auth.throttle import AuthThrottle
 from twisted_mta.config import Config
 from twisted_mta.delivery.directory import Directory
 from twisted_mta.queue.committer import Committer
+from twisted_mta.queue.maildrop import MaildropService
 from twisted_mta.queue.spool import Spool
 from twisted_mta.smtp.policy import MailRealm, MailSystem
 from twisted_mta.smtp.sasl import usable_mechanisms
@@ -90,6 +91,7 @@ def build_service(config: Config, checkers: Sequence = ()) -> service.MultiServi
     system = MailSystem(
         config.hostname, directory, spool, config.relay.networks, config.auth.received_user
     )
+    MaildropService(config.maildrop_dir, system, reactor).setServiceParent(top)
     portal = _portal(MailRealm(system), directory, config, checkers)
     mechanisms = usable_mechanisms(challengers(config.auth.mechanisms, config.hostname), portal)
     throttle = AuthThrottle(config.auth.failure_delay)

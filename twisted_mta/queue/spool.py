@@ -120,6 +120,8 @@ class Spool:
     mail_root: Path
     queue_dir: Path
     committer: Committer
+    # Told the id of each message that entered the queue (the scheduler).
+    on_queued: Callable[[str], None] | None = None
 
     def prepare(self) -> None:
         """Create the queue folder and drop transactions never acknowledged.
@@ -259,6 +261,8 @@ class IncomingMessage:
         # before the delivery lines, in the order of the message's life.
         acknowledged.callback(self.queue_id)
         self._log_deliveries()
+        if self.envelope.remote and self.spool.on_queued is not None:
+            self.spool.on_queued(self.queue_id)
 
     def _not_stored(self, failure: Failure, acknowledged: defer.Deferred[str]) -> None:
         if isinstance(failure.value, OSError):

@@ -41,6 +41,7 @@ MAX_DIAGNOSTIC = 900  # characters; a field line must stay under 998
 _POLICY = email.policy.default.clone(linesep="\n", utf8=True, max_line_length=998)
 _SMTP_REPLY = re.compile(r"[245][0-9][0-9](?:[ -]|$)")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -110,17 +111,22 @@ class _Generator(BytesGenerator):
 
 
 def read_original_headers(path: str | Path, limit: int = HEADERS_LIMIT) -> bytes:
-    """The header block of a queued message file (LF endings), without the
-    empty line that ends it; at most ``limit`` bytes, cut at a line end."""
+    """The header block of a queued message file (LF endings), see
+    :func:`header_block`; only the first ``limit`` bytes are read."""
     with open(path, "rb") as stream:
-        head = stream.read(limit + 1)
+        return header_block(stream.read(limit + 1), limit)
+
+
+def header_block(head: bytes, limit: int = HEADERS_LIMIT) -> bytes:
+    """The headers at the start of ``head`` (LF endings) without the empty
+    line that ends them; at most ``limit`` bytes, cut at a line end."""
     if head.startswith(b"\n"):
         return b""
     end = head.find(b"\n\n")
-    if end >= 0:
+    if 0 <= end < limit:
         return head[: end + 1]
     if len(head) <= limit:
-        return head if head.endswith(b"\n") else head + b"\n"
+        return head if head.endswith(b"\n") or not head else head + b"\n"
     return head[: head.rfind(b"\n", 0, limit) + 1]
 
 
@@ -129,24 +135,25 @@ def _envelope_headers(
 ) -> EmailMessage:
     report = EmailMessage(policy=_POLICY)
     report["From"] = Address("Mail Delivery System", "MAILER-DAEMON", hostname)
-    report["To"] = _address(sender)
+    report["To"] = header_address(sender)
     report["Subject"] = (
         "Undelivered Mail Returned to Sender"
         if _any_failed(failures)
         else "Delayed Mail (still being retried)"
     )
-    report["Date"] = email.utils.formatdate(now, localtime=True)
+    report["Date"] = _date(now)
     report["Message-ID"] = email.utils.make_msgid(domain=hostname)
     report["Auto-Submitted"] = "auto-replied"
     return report
 
 
-def _address(text: str) -> Address:
-    """An address object for a header; the local part is quoted if needed."""
-    local, _, domain = text.rpartition("@")
-    if local.startswith('"') and local.endswith('"') and len(local) > 1:
+def header_address(address: str, display_name: str = "") -> Address:
+    """A header's address for an SMTP path (``local@domain``, the local part
+    quoted if need be); unlike ``Address(addr_spec=...)`` it takes UTF-8."""
+    local, _, domain = address.rpartition("@")
+    if len(local) > 1 and local.startswith('"') and local.endswith('"'):
         local = re.sub(r"\\(.)", r"\1", local[1:-1])
-    return Address(username=local, domain=domain)
+    return Address(display_name=display_name, username=local, domain=domain)
 
 
 def _any_failed(failures: Sequence[RecipientFailure]) -> bool:
@@ -185,10 +192,11 @@ def _human_line(failure: RecipientFailure) -> str:
     reason = _clean(failure.diagnostic) if failure.diagnostic else f"status {failure.status}"
     until = ""
     if failure.will_retry_until is not None:
-        until = f" (retried until {email.utils.formatdate(failure.will_retry_until, localtime=True)})"
+        until = f" (retried until {_date(failure.will_retry_until)})"
+    address = _address_text(failure.address)
     if failure.remote_mta:
-        return f"<{failure.address}>: host {_clean(failure.remote_mta)} said: {reason}{until}"
-    return f"<{failure.address}>: {reason}{until}"
+        return f"<{address}>: host {_clean(failure.remote_mta)} said: {reason}{until}"
+    return f"<{address}>: {reason}{until}"
 
 
 def _status_part(
@@ -197,7 +205,7 @@ def _status_part(
     per_message = [
         ("Reporting-MTA", f"dns; {hostname}"),
         ("X-Twisted-MTA-Queue-ID", queue_id),
-        ("Arrival-Date", email.utils.formatdate(arrival, localtime=True)),
+        ("Arrival-Date", _date(arrival)),
     ]
     blocks = [per_message] + [_recipient_fields(failure) for failure in failures]
     utf8 = not all(failure.address.isascii() for failure in failures)
@@ -207,7 +215,7 @@ def _status_part(
 def _recipient_fields(failure: RecipientFailure) -> list[tuple[str, str]]:
     kind = "rfc822" if failure.address.isascii() else "utf-8"
     fields = [
-        ("Final-Recipient", f"{kind}; {failure.address}"),
+        ("Final-Recipient", f"{kind}; {_address_text(failure.address)}"),
         ("Action", failure.action),
         ("Status", failure.status),
     ]
@@ -216,13 +224,9 @@ def _recipient_fields(failure: RecipientFailure) -> list[tuple[str, str]]:
     if failure.diagnostic:
         fields.append(("Diagnostic-Code", _diagnostic_code(failure.diagnostic)))
     if failure.last_attempt is not None:
-        fields.append(
-            ("Last-Attempt-Date", email.utils.formatdate(failure.last_attempt, localtime=True))
-        )
+        fields.append(("Last-Attempt-Date", _date(failure.last_attempt)))
     if failure.action == DELAYED and failure.will_retry_until is not None:
-        fields.append(
-            ("Will-Retry-Until", email.utils.formatdate(failure.will_retry_until, localtime=True))
-        )
+        fields.append(("Will-Retry-Until", _date(failure.will_retry_until)))
     return fields
 
 
@@ -231,6 +235,15 @@ def _diagnostic_code(diagnostic: str) -> str:
     text = _clean(diagnostic)
     kind = "smtp" if _SMTP_REPLY.match(text) else "X-Twisted-MTA"
     return f"{kind}; {text}"
+
+
+def _date(timestamp: float) -> str:
+    return email.utils.formatdate(timestamp, localtime=True)
+
+
+def _address_text(address: str) -> str:
+    """An address on one line; UTF-8 is kept (RFC 6533)."""
+    return _CONTROL.sub("?", address)
 
 
 def _clean(text: str) -> str:

@@ -1,0 +1,390 @@
+"""Submit a message that did not come over SMTP: the maildrop, bounces.
+
+Such a message takes the way an SMTP one takes, so that nothing about
+delivery differs: a policy ``Transaction`` on a local ``Session`` (listener
+``sendmail`` or ``bounce``, client ``127.0.0.1``) decides on each recipient
+as RCPT would (local domains through the directory, other domains to the
+queue, unknown local recipients refused), and the spool's
+``IncomingMessage`` makes it durable before the returned Deferred fires.
+Local submission may relay whatever ``[relay] networks`` says, like
+Postfix's pickup: the local user could as well connect to 127.0.0.1.
+
+The message is stored with LF line endings: CRLF and lone CR become LF (the
+input is a local file, not an SMTP stream, so a bare CR or LF is not an
+attempt at smuggling), and a missing final newline is added.
+
+Nobody is at the other end to read a refusal, so refused recipients are
+reported to the sender in a bounce (never to the null sender), and the
+message still goes to the recipients that were accepted.  If none was,
+:func:`inject` fails with :class:`InjectionRefused` once that bounce is
+stored: the submission is finished, there is nothing to retry.
+
+Bounces are injected the same way, from ``<>`` (:func:`send_dsn`); the
+queue scheduler's reports go through :func:`dsn_reporter`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import ipaddress
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from twisted.internet import defer
+from twisted.mail.smtp import SMTPServerError
+from twisted.python import log
+
+from twisted_mta.queue.scheduler import Report
+from twisted_mta.queue.spool import IncomingMessage
+from twisted_mta.queue.store import QueuedMessage, QueueStore, RecipientState
+from twisted_mta.relay.dsn import (
+    DELAYED,
+    FAILED,
+    HEADERS_LIMIT,
+    RecipientFailure,
+    build_dsn,
+    header_block,
+    read_original_headers,
+    should_bounce,
+)
+from twisted_mta.smtp.address import (
+    Address,
+    NullAddress,
+    PathError,
+    parse_mail,
+    parse_rcpt,
+)
+from twisted_mta.smtp.policy import MailSystem, Session, Transaction
+
+SENDMAIL = "sendmail"
+BOUNCE = "bounce"
+LOCAL_IP = "127.0.0.1"
+CHUNK = 64 * 1024
+
+_LOCAL_NETWORK = ipaddress.ip_network(f"{LOCAL_IP}/32")
+_SAFE_USER = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+MessageSource = bytes | BinaryIO
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A recipient the policy refused, with the reply SMTP would have sent."""
+
+    recipient: str
+    code: int
+    status: str
+    text: str
+
+    @property
+    def reply(self) -> str:
+        return f"{self.code} {self.status} {self.text}"
+
+
+class InjectionRefused(Exception):
+    """No recipient was accepted; ``bounce_id`` is the bounce, if one was sent."""
+
+    def __init__(self, queue_id: str, refused: Sequence[Refused], bounce_id: str | None) -> None:
+        replies = "; ".join(r.reply for r in refused) or "no recipients"
+        super().__init__(f"id={queue_id}: every recipient refused ({replies})")
+        self.queue_id = queue_id
+        self.refused = tuple(refused)
+        self.bounce_id = bounce_id
+
+
+def inject(
+    system: MailSystem,
+    sender: str,
+    recipients: Sequence[str],
+    message: MessageSource,
+    *,
+    origin: str,
+    user: str | None = None,
+) -> defer.Deferred[str]:
+    """Store ``message`` for ``recipients``; fires with its queue id once durable.
+
+    ``message`` is bytes or a binary file read from its current position
+    (it must stay open until the Deferred fires).  ``origin`` names the way
+    in (:data:`SENDMAIL`, :data:`BOUNCE`); ``user`` is the local login that
+    submitted it, for the Received header and the log.  Fails with
+    ``PathError`` if ``sender`` is not an address, with
+    :class:`InjectionRefused` if no recipient was accepted, and with the
+    spool's ``StorageError`` if the message could not be stored.
+    """
+    return defer.ensureDeferred(
+        _inject(system, sender, recipients, message, origin, _safe_user(user))
+    )
+
+
+def send_dsn(
+    system: MailSystem,
+    queue_id: str,
+    arrival: float,
+    sender: str,
+    failures: Sequence[RecipientFailure],
+    original_headers: bytes,
+) -> defer.Deferred[str | None]:
+    """Report ``failures`` of message ``queue_id`` to its ``sender``.
+
+    Fires with the notification's queue id; with None when the sender is
+    null or refuses it (both logged: a bounce cannot bounce).
+    """
+    return defer.ensureDeferred(
+        _send_dsn(system, queue_id, arrival, sender, failures, original_headers)
+    )
+
+
+async def _inject(
+    system: MailSystem,
+    sender: str,
+    recipients: Sequence[str],
+    message: MessageSource,
+    origin: str,
+    user: str | None,
+) -> str:
+    arrival, started = time.time(), time.monotonic()
+    start = 0 if isinstance(message, bytes) else message.tell()
+    transaction = _transaction(system, origin)
+    sender_address = _sender(sender)
+    transaction.validateFrom(None, sender_address)
+    refused = [r for r in (_add_recipient(transaction, a) for a in recipients) if r]
+    addresses = [*transaction.recipients, *transaction.remote]
+    transaction.utf8 = sender_address.needs_utf8 or not all(a.isascii() for a in addresses)
+    if transaction.recipients:
+        size = await _store(transaction, message, user)
+        _log_accepted(transaction, size, user)
+    bounce_id = None
+    if refused:
+        _log_refused(transaction.queue_id, refused, started)
+        headers = header_block(normalise_line_endings(_head(message, start)))
+        failures = [_failure(r, time.time()) for r in refused]
+        bounce_id = await _send_dsn(
+            system, transaction.queue_id, arrival, transaction.sender, failures, headers
+        )
+    if not transaction.recipients:
+        raise InjectionRefused(transaction.queue_id, refused, bounce_id)
+    return transaction.queue_id
+
+
+async def _send_dsn(
+    system: MailSystem,
+    queue_id: str,
+    arrival: float,
+    sender: str,
+    failures: Sequence[RecipientFailure],
+    original_headers: bytes,
+) -> str | None:
+    if not should_bounce(sender):
+        log.msg(f"id={queue_id} no notification: the sender is null")
+        return None
+    notification = build_dsn(
+        system.hostname, queue_id, arrival, sender, failures, original_headers, time.time()
+    )
+    try:
+        bounce_id = await _inject(system, "", [sender], notification, BOUNCE, None)
+    except InjectionRefused as refusal:
+        replies = "; ".join(r.reply for r in refusal.refused)
+        log.msg(f"id={queue_id} sender notification refused: {replies}")
+        return None
+    kind = "non-delivery" if any(f.action == FAILED for f in failures) else "delay"
+    log.msg(f"id={queue_id} sender {kind} notification: {bounce_id}")
+    return bounce_id
+
+
+def dsn_reporter(system: MailSystem, store: QueueStore, lifetime: float) -> Report:
+    """The scheduler's ``report``: one DSN to the sender of a queued message
+    about ``recipients`` (``failed``, or ``delayed`` for a warning)."""
+
+    def report(
+        message: QueuedMessage, recipients: Sequence[RecipientState], action: str
+    ) -> defer.Deferred[None]:
+        until = message.arrival + lifetime if action == DELAYED else None
+        failures = [_queued_failure(r, action, until) for r in recipients]
+        headers = read_original_headers(store.data_path(message.id))
+        d = send_dsn(system, message.id, message.arrival, message.sender, failures, headers)
+        return d.addCallback(lambda _: None)
+
+    return report
+
+
+def _queued_failure(
+    recipient: RecipientState, action: str, until: float | None
+) -> RecipientFailure:
+    return RecipientFailure(
+        address=recipient.address,
+        status=recipient.status or ("4.0.0" if action == DELAYED else "5.0.0"),
+        action=action,
+        diagnostic=recipient.last_error,
+        # The log's "host[ip]:port" form names the host; DSNs want the name.
+        remote_mta=recipient.remote.split("[")[0] if recipient.remote else None,
+        last_attempt=recipient.last_attempt,
+        will_retry_until=until,
+    )
+
+
+def _transaction(system: MailSystem, origin: str) -> Transaction:
+    local = dataclasses.replace(system, relay_networks=(_LOCAL_NETWORK,))
+    return Transaction(local, Session(listener=origin, client_ip=LOCAL_IP), None)
+
+
+def _sender(sender: str) -> Address | NullAddress:
+    command = parse_mail(f"FROM:<{sender}> SMTPUTF8".encode(), max_size=sys.maxsize)
+    return command.sender
+
+
+@dataclass(frozen=True)
+class _Rcpt:
+    """What ``Transaction.validateTo`` reads of Twisted's ``smtp.User``."""
+
+    dest: Address
+    helo: tuple[None, None] = (None, None)
+    orig: None = None
+
+
+def _add_recipient(transaction: Transaction, recipient: str) -> Refused | None:
+    """Offer one recipient as RCPT would; the refusal, if any."""
+    try:
+        command = parse_rcpt(f"TO:<{recipient}>".encode(), smtputf8=True)
+        transaction.validateTo(_Rcpt(command.recipient))
+    except PathError as error:
+        # Not an address: shown in the log and the bounce, so made harmless.
+        shown = _CONTROL.sub("?", recipient)
+        return Refused(shown, error.code, error.enhanced, error.text)
+    except SMTPServerError as error:
+        status, _, text = str(error.resp).partition(" ")
+        return Refused(recipient, error.code, status, text)
+    return None
+
+
+async def _store(transaction: Transaction, message: MessageSource, user: str | None) -> int:
+    """Write the message into the spool; its size once durable."""
+    transaction.body = "8BITMIME" if _is_8bit(message) else "7BIT"
+    received = _received(transaction, user)
+    incoming = transaction.open_message(received)
+    try:
+        _write_normalised(incoming, message)
+    except BaseException:
+        incoming.connectionLost()
+        raise
+    await incoming.eomReceived()
+    return incoming.size
+
+
+def _received(transaction: Transaction, user: str | None) -> bytes:
+    """``Received: by HOST (twisted-mta, via ORIGIN ...) with local id ID``."""
+    via = f"via {transaction.session.listener}" + (f" from user {user}" if user else "")
+    lines = [
+        f"Received: by {transaction.system.hostname} (twisted-mta, {via})",
+        f"\twith local id {transaction.queue_id}",
+    ]
+    date = email.utils.formatdate(localtime=True)
+    if len(transaction.recipients) == 1:
+        lines.append(f"\tfor <{transaction.recipients[0]}>; {date}")
+    else:
+        lines[-1] += ";"
+        lines.append(f"\t{date}")
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def _safe_user(user: str | None) -> str | None:
+    """A login name fit for a header and a log line, else none at all."""
+    return user if user is not None and _SAFE_USER.fullmatch(user) else None
+
+
+def _chunks(message: MessageSource) -> Iterator[bytes]:
+    if isinstance(message, bytes):
+        yield message
+        return
+    yield from iter(lambda: message.read(CHUNK), b"")
+
+
+def _is_8bit(message: MessageSource) -> bool:
+    """Whether the body needs 8BITMIME; a file is read and rewound."""
+    if isinstance(message, bytes):
+        return not message.isascii()
+    start = message.tell()
+    try:
+        return not all(chunk.isascii() for chunk in _chunks(message))
+    finally:
+        message.seek(start)
+
+
+def _head(message: MessageSource, start: int) -> bytes:
+    """The first bytes of the message, enough for its header block."""
+    if isinstance(message, bytes):
+        return message[: HEADERS_LIMIT + 1]
+    message.seek(start)
+    return message.read(HEADERS_LIMIT + 1)
+
+
+def _write_normalised(incoming: IncomingMessage, message: MessageSource) -> None:
+    endings = _LineEndings()
+    last = b"\n"
+    for chunk in _chunks(message):
+        data = endings.feed(chunk)
+        if data:
+            incoming.write(data)
+            last = data[-1:]
+    tail = endings.finish()
+    if tail:
+        incoming.write(tail)
+        last = tail
+    if last != b"\n":
+        incoming.write(b"\n")
+
+
+def normalise_line_endings(data: bytes) -> bytes:
+    """CRLF and lone CR to LF."""
+    endings = _LineEndings()
+    return endings.feed(data) + endings.finish()
+
+
+class _LineEndings:
+    """CRLF and lone CR to LF, in a stream cut anywhere (even inside CRLF)."""
+
+    def __init__(self) -> None:
+        self._carriage_return = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._carriage_return:
+            chunk = b"\r" + chunk
+        self._carriage_return = chunk.endswith(b"\r")
+        if self._carriage_return:
+            chunk = chunk[:-1]
+        return chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+    def finish(self) -> bytes:
+        return b"\n" if self._carriage_return else b""
+
+
+def _log_accepted(transaction: Transaction, size: int, user: str | None) -> None:
+    """The line the SMTP server logs after its ``250``."""
+    log.msg(
+        f"id={transaction.queue_id} from=<{transaction.sender}> size={size} "
+        f"nrcpt={len(transaction.recipients)} client=localhost[{LOCAL_IP}] "
+        f"listener={transaction.session.listener}" + (f" user={user}" if user else "")
+    )
+
+
+def _log_refused(queue_id: str, refused: Sequence[Refused], started: float) -> None:
+    delay = f"delay={time.monotonic() - started:.2f}"
+    for refusal in refused:
+        log.msg(
+            f"id={queue_id} to=<{refusal.recipient}> relay=none {delay} "
+            f"status=bounced ({refusal.reply})"
+        )
+
+
+def _failure(refusal: Refused, now: float) -> RecipientFailure:
+    return RecipientFailure(
+        address=refusal.recipient,
+        status=refusal.status,
+        diagnostic=refusal.reply,
+        last_attempt=now,
+    )
