@@ -243,25 +243,32 @@ def test_slow_hash_does_not_block_other_sessions(mta):
     assert noop_time < login_time
 
 
-def test_concurrent_logins_are_not_serialised(mta):
-    """Two bcrypt checks (single-threaded, unlike argon2's lanes) at once
-    take about as long as one: they run in threads, not on the reactor."""
+def _parallel_logins(mta, count):
+    """Seconds for ``count`` sessions' bcrypt logins sent at the same moment."""
     command = b"AUTH PLAIN " + base64.b64encode(b"\0bob@example.test\0bob-pw") + b"\r\n"
-    clients = [submission(mta) for _ in range(3)]
+    clients = [submission(mta) for _ in range(count)]
     try:
         started = time.monotonic()
-        clients[0].send(command)
-        assert clients[0].getreply()[0] == 235
-        single = time.monotonic() - started
-        started = time.monotonic()
-        for client in clients[1:]:
+        for client in clients:
             client.send(command)
-        assert [client.getreply()[0] for client in clients[1:]] == [235, 235]
-        both = time.monotonic() - started
+        assert [client.getreply()[0] for client in clients] == [235] * count
+        return time.monotonic() - started
     finally:
         for client in clients:
             client.close()
-    assert both < single * 1.7
+
+
+def test_concurrent_logins_are_not_serialised(mta):
+    """Two bcrypt checks (single-threaded, unlike argon2's lanes) at once
+    take about as long as one: they run in threads, not on the reactor.
+    Serialised they would take twice as long every time; the best of three
+    tries keeps a busy machine from failing the test."""
+    ratios = []
+    for _ in range(3):
+        ratios.append(_parallel_logins(mta, 2) / _parallel_logins(mta, 1))
+        if ratios[-1] < 1.6:
+            break
+    assert min(ratios) < 1.6, ratios
 
 
 def test_received_header_names_user_only_when_configured(mta):
