@@ -158,6 +158,20 @@ def insecure_context() -> ssl.SSLContext:
     return context
 
 
+# Tests must never ask the machine's resolver (its DNS server is not on
+# loopback): every daemon gets a resolver on 127.0.0.1 unless a test names
+# its own.  Port 9 (discard) answers nothing, so lookups fail as temporary.
+NO_DNS = 'resolvers = ["127.0.0.1:9"]'
+
+
+def with_loopback_resolver(extra: str) -> str:
+    if "resolvers" in extra:
+        return extra
+    if "[relay]" in extra:
+        return extra.replace("[relay]", f"[relay]\n{NO_DNS}", 1)
+    return f"{extra}\n[relay]\n{NO_DNS}\n"
+
+
 def make_daemon(
     root: Path,
     *,
@@ -170,7 +184,7 @@ def make_daemon(
     (root / "users").write_text(users)
     (root / "aliases").write_text(aliases)
     config = root / "mta.toml"
-    config.write_text(base_config(root, hostname=hostname, extra=extra))
+    config.write_text(base_config(root, hostname=hostname, extra=with_loopback_resolver(extra)))
     return Daemon(root, config)
 
 

@@ -10,7 +10,16 @@ import pytest
 from daemon import make_daemon
 
 CLI = str(Path(sys.executable).with_name("twisted-mta"))
-UNROUTABLE = '\n[relay]\nresolvers = ["127.0.0.1:9"]\n[queue]\nretry_min = "1h"\nretry_max = "2h"\n'
+# A smart host that refuses connections: every attempt fails at once and
+# the messages stay queued for an hour.
+UNROUTABLE = """
+[relay]
+smarthost = "127.0.0.1:1"
+smarthost_tls = "none"
+[queue]
+retry_min = "1h"
+retry_max = "2h"
+"""
 
 
 def queue_cli(daemon, *args):
@@ -65,6 +74,16 @@ def test_delete_while_running_and_while_stopped(queued):
     assert queue_cli(daemon, "delete", ids[1]).returncode == 0
     assert json.loads(queue_cli(daemon, "list", "--json").stdout) == []
     assert not list((daemon.spool / "queue").glob("*.msg"))
+
+
+def test_bounce_returns_the_message_to_the_local_sender(queued):
+    daemon, ids = queued
+    assert queue_cli(daemon, "bounce", ids[0]).returncode == 0
+    daemon.wait_for(lambda: not (daemon.spool / "queue" / f"{ids[0]}.env").exists(), timeout=10)
+    daemon.wait_for_log(rf"id={ids[0]} sender non-delivery notification")
+    [bounce] = daemon.messages("example.test", "sender")
+    assert b"Subject: Undelivered Mail Returned to Sender" in bounce
+    assert b"Status: 5.0.0" in bounce and b"Final-Recipient: rfc822; friend0@remote.example" in bounce
 
 
 def test_flush_works_with_daemon_stopped(queued):

@@ -19,7 +19,12 @@ from twisted_mta.auth.throttle import AuthThrottle
 from twisted_mta.config import Config
 from twisted_mta.delivery.directory import Directory
 from twisted_mta.queue.committer import Committer
+from twisted_mta.queue.inject import dsn_reporter
 from twisted_mta.queue.maildrop import MaildropService
+from twisted_mta.queue.runner import FlushListener
+from twisted_mta.queue.scheduler import Policy, Scheduler
+from twisted_mta.queue.store import QueueStore
+from twisted_mta.relay.router import Router, make_resolver
 from twisted_mta.queue.spool import Spool
 from twisted_mta.smtp.policy import MailRealm, MailSystem
 from twisted_mta.smtp.sasl import usable_mechanisms
@@ -92,6 +97,10 @@ def build_service(config: Config, checkers: Sequence = ()) -> service.MultiServi
         config.hostname, directory, spool, config.relay.networks, config.auth.received_user
     )
     MaildropService(config.maildrop_dir, system, reactor).setServiceParent(top)
+    scheduler = _scheduler(config, system)
+    scheduler.setServiceParent(top)
+    spool.on_queued = scheduler.enqueue
+    FlushListener(config.queue_dir, scheduler, reactor).setServiceParent(top)
     portal = _portal(MailRealm(system), directory, config, checkers)
     mechanisms = usable_mechanisms(challengers(config.auth.mechanisms, config.hostname), portal)
     throttle = AuthThrottle(config.auth.failure_delay)
@@ -116,6 +125,21 @@ def build_service(config: Config, checkers: Sequence = ()) -> service.MultiServi
         f"config={config.source or '(defaults)'}"
     )
     return top
+
+
+def _scheduler(config: Config, system: MailSystem) -> Scheduler:
+    store = QueueStore(config.queue_dir)
+    router = Router(
+        reactor, make_resolver(config.relay.resolvers), config.hostname, config.relay, store
+    )
+    policy = Policy(
+        retry_min=config.queue.retry_min,
+        retry_max=config.queue.retry_max,
+        lifetime=config.queue.lifetime,
+        delay_warning=config.queue.delay_warning,
+    )
+    report = dsn_reporter(system, store, config.queue.lifetime)
+    return Scheduler(store, router.deliver, report, router.destination, policy, reactor)
 
 
 def _portal(realm: MailRealm, directory: Directory, config: Config, extra: Sequence) -> Portal:

@@ -1,0 +1,146 @@
+"""From a queued message's recipients to delivery attempts.
+
+Recipients of one domain go in one transaction.  With ``smarthost`` set,
+everything goes there (TLS as ``smarthost_tls`` says, AUTH with the
+configured user); otherwise to the domain's MX hosts in order, each over
+all of its addresses, with opportunistic TLS on ``mx_port``.  A host that
+cannot be reached, or refuses the session, passes the turn to the next one;
+the first that takes the session gives the per-recipient results.  Names
+are resolved through ``[relay] resolvers`` (or the system's).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from twisted.internet import defer
+from twisted.names import client as dns_client
+
+from twisted_mta.config import RelayConfig, parse_hostport
+from twisted_mta.queue.scheduler import Outcome
+from twisted_mta.queue.store import QueuedMessage, QueueStore, RecipientState
+from twisted_mta.relay.client import (
+    Outgoing,
+    RelayError,
+    RelayTarget,
+    Timeouts,
+    open_session,
+)
+from twisted_mta.relay.mx import RouteError, host_addresses, mx_hosts
+
+
+def make_resolver(resolvers: Sequence[str]):
+    """A twisted.names resolver for ``["ip:port", ...]``, or the system's.
+
+    With servers given, /etc/resolv.conf is not read at all: those servers
+    and /etc/hosts are the only sources.
+    """
+    servers = [parse_hostport(entry, 53) for entry in resolvers]
+    if not servers:
+        return dns_client.createResolver()
+    return dns_client.createResolver(servers=servers, resolvconf=os.devnull)
+
+
+@dataclass
+class Router:
+    reactor: object
+    resolver: object
+    helo_name: str
+    relay: RelayConfig
+    store: QueueStore
+    timeouts: Timeouts = Timeouts()
+
+    def destination(self, address: str) -> str:
+        """The key grouping recipients into one transaction."""
+        if self.relay.smarthost:
+            return f"[smarthost] {self.relay.smarthost}"
+        return address.rpartition("@")[2].lower()
+
+    def deliver(
+        self, message: QueuedMessage, recipients: Sequence[RecipientState]
+    ) -> defer.Deferred[list[Outcome]]:
+        return defer.Deferred.fromCoroutine(self._deliver(message, recipients))
+
+    async def _deliver(self, message: QueuedMessage, recipients) -> list[Outcome]:
+        addresses = tuple(r.address for r in recipients)
+        path = self.store.data_path(message.id)
+        outgoing = Outgoing(
+            sender=message.sender,
+            recipients=addresses,
+            path=path,
+            size=_size(path),
+            eight_bit=message.body == "8BITMIME",
+            smtputf8=message.smtputf8,
+        )
+        try:
+            targets = await self._targets(addresses[0].rpartition("@")[2])
+        except RouteError as error:
+            return [Outcome(a, False, error.permanent, error.status, error.text) for a in addresses]
+        failure = RelayError(451, "4.4.1", "no host to deliver to")
+        for target in targets:
+            if not target.addresses:
+                failure = RelayError(451, "4.4.4", f"{target.name}: no address found")
+                continue
+            try:
+                session = await open_session(self.reactor, target, self.helo_name, self.timeouts)
+            except RelayError as error:
+                failure = error
+                continue
+            try:
+                result = await session.send(outgoing)
+            finally:
+                await session.close()
+            return [
+                Outcome(r.address, r.delivered, r.permanent, r.status, r.text, result.remote)
+                for r in result.results
+            ]
+        return [
+            Outcome(a, False, failure.permanent, failure.status, failure.text, failure.remote)
+            for a in addresses
+        ]
+
+    async def _targets(self, domain: str) -> list[RelayTarget]:
+        if self.relay.smarthost:
+            return [await self._smarthost()]
+        hosts = await mx_hosts(self.resolver, domain)
+        targets = []
+        for host in hosts:
+            try:
+                found = await host_addresses(self.resolver, host.name)
+            except RouteError:
+                found = []
+            targets.append(RelayTarget(host.name, tuple(found), self.relay.mx_port, "may"))
+        if not any(t.addresses for t in targets) and len(hosts) == 1 and hosts[0].name == domain:
+            raise RouteError(True, "5.1.2", f"Host or domain name not found: {domain}")
+        return targets
+
+    async def _smarthost(self) -> RelayTarget:
+        host, port = parse_hostport(self.relay.smarthost, 25)
+        found = await host_addresses(self.resolver, host)
+        user = self.relay.smarthost_user or None
+        password = _first_line(self.relay.smarthost_password_file) if user else None
+        if user and password is None:
+            raise RouteError(False, "4.7.8", "smart host password file is missing or empty")
+        return RelayTarget(
+            host, tuple(found), port, self.relay.smarthost_tls, self.relay.ca_file, user, password
+        )
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _first_line(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    return lines[0] if lines else None
