@@ -9,8 +9,10 @@ address literal; anything else is replaced by ``unknown``.
 from __future__ import annotations
 
 import email.utils
+import functools
 import ipaddress
 import re
+import time
 from dataclasses import dataclass
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -66,13 +68,23 @@ def received_header(info: TraceInfo, now: float | None = None) -> bytes:
         lines.append(f"\t({info.tls})")
     if info.user:
         lines.append(f"\t(authenticated as {info.user})")
-    date = email.utils.formatdate(now, localtime=True)
+    date = _date(time.time() if now is None else now)
     if info.recipient:
         lines.append(f"\tfor <{info.recipient}>; {date}")
     else:
         lines[-1] += ";"
         lines.append(f"\t{date}")
     return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+@functools.lru_cache(maxsize=2)
+def _formatted_second(second: int) -> str:
+    return email.utils.formatdate(second, localtime=True)
+
+
+def _date(now: float) -> str:
+    """RFC 5322 date, formatted once a second: it shows in every message."""
+    return _formatted_second(int(now))
 
 
 def _with_protocol(info: TraceInfo) -> str:
