@@ -24,8 +24,8 @@ from twisted_mta.queue.maildrop import MaildropService
 from twisted_mta.queue.runner import FlushListener
 from twisted_mta.queue.scheduler import Policy, Scheduler
 from twisted_mta.queue.store import QueueStore
-from twisted_mta.relay.router import Router, make_resolver
 from twisted_mta.queue.spool import Spool
+from twisted_mta.relay.router import Router, make_resolver
 from twisted_mta.smtp.policy import MailRealm, MailSystem
 from twisted_mta.smtp.sasl import usable_mechanisms
 from twisted_mta.smtp.server import ConnectionLimits, MTAFactory, ServerSettings
