@@ -41,7 +41,7 @@ def _compress(state: tuple[int, int, int, int], block: bytes) -> tuple[int, int,
         f = (f + a + _CONSTANTS[i] + words[g]) & _MASK
         a, d, c = d, c, b
         b = (b + _rotate(f, _SHIFTS[i])) & _MASK
-    return tuple((x + y) & _MASK for x, y in zip(state, (a, b, c, d)))
+    return tuple((x + y) & _MASK for x, y in zip(state, (a, b, c, d), strict=True))
 
 
 def md5_resume(state: tuple[int, int, int, int], absorbed: int, data: bytes) -> bytes:

@@ -53,7 +53,11 @@ def _follow(answers, name: str, record_type: int) -> tuple[list, str]:
         found = [r.payload for r in answers if r.type == record_type and _name(r.name) == wanted]
         if found:
             return found, wanted
-        aliases = [_name(r.payload.name) for r in answers if r.type == dns.CNAME and _name(r.name) == wanted]
+        aliases = [
+            _name(r.payload.name)
+            for r in answers
+            if r.type == dns.CNAME and _name(r.name) == wanted
+        ]
         if not aliases:
             return [], wanted
         wanted = aliases[0]
@@ -96,7 +100,8 @@ def mx_hosts(resolver, domain: str):
     except DNSNameError:
         return [MXHost(0, domain)]
     except (DomainError, defer.TimeoutError) as error:
-        raise RouteError(False, "4.4.3", f"MX lookup for {domain} failed: {error.__class__.__name__}")
+        reason = error.__class__.__name__
+        raise RouteError(False, "4.4.3", f"MX lookup for {domain} failed: {reason}") from None
     if not records:
         return [MXHost(0, domain)]
     exchanges = [(r.preference, _name(r.name)) for r in records]

@@ -63,7 +63,9 @@ class SaslMixin:
         if not self.challengers:
             return self.reply(503, "5.5.1", "Error: authentication not enabled")
         if not self.startedTLS and self.settings.auth_requires_tls:
-            return self.reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+            return self.reply(
+                538, "5.7.11", "Encryption required for requested authentication mechanism"
+            )
         if self.authenticated:
             return self.reply(503, "5.5.1", "Error: already authenticated")
         if self._mail is not None:
