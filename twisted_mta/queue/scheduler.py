@@ -4,7 +4,10 @@ The scheduler keeps each queued message's next due time in memory and one
 timer for the earliest of them: nothing polls.  A due message's pending
 recipients are grouped by destination (their domain, or the smart host),
 each group is one delivery attempt, and at most ``max_concurrent`` attempts
-run at once (``per_destination`` to one destination).  After an attempt:
+run at once (``per_destination`` to one destination), however many
+destinations one message has.  What waits for a slot starts as soon as an
+attempt ends; at the limit nothing runs but the attempts (no busy loop).
+A recipient is never in two attempts at once.  After an attempt:
 
 * delivered recipients are ``sent``;
 * permanent failures are ``failed``;
@@ -14,7 +17,8 @@ run at once (``per_destination`` to one destination).  After an attempt:
 When no recipient is pending any more, the failed ones are reported to the
 sender in one DSN (never for the null sender) and the message leaves the
 queue.  ``delay_warning`` (0: off) sends one "delayed" DSN for a message
-still pending that long after arrival.
+still pending that long after arrival.  An envelope that cannot be read
+is moved to ``queue/corrupt/`` and stops nothing else.
 """
 
 from __future__ import annotations
@@ -28,7 +32,15 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.python import log
 
-from twisted_mta.queue.store import FAILED, SENT, QueuedMessage, QueueStore, RecipientState, UnknownMessage
+from twisted_mta.queue.store import (
+    FAILED,
+    SENT,
+    CorruptMessage,
+    QueuedMessage,
+    QueueStore,
+    RecipientState,
+    UnknownMessage,
+)
 
 EXPIRED_STATUS = "4.4.7"
 
@@ -74,7 +86,12 @@ class Scheduler(service.Service):
     clock: object
     _due: list[tuple[float, str]] = field(default_factory=list)
     _timer: object = None
-    _active: set[str] = field(default_factory=set)
+    # Recipients of each message being attempted now: never twice at once.
+    _in_flight: dict[str, set[str]] = field(default_factory=dict)
+    # Messages being reported and removed: not to be looked at meanwhile.
+    _finishing: set[str] = field(default_factory=set)
+    # Messages with recipients waiting for a free slot.
+    _blocked: set[str] = field(default_factory=set)
     _running: Counter = field(default_factory=Counter)
     _total: int = 0
 
@@ -91,7 +108,14 @@ class Scheduler(service.Service):
     def rescan(self) -> None:
         """Schedule every queued message afresh (start, flush, CLI changes)."""
         self._due = []
-        for message in self.store.messages():
+        for queue_id in self.store.ids():
+            try:
+                message = self.store.load(queue_id)
+            except UnknownMessage:
+                continue
+            except CorruptMessage:
+                self._quarantine(queue_id)
+                continue
             self._schedule_message(message)
         self._wake()
 
@@ -115,6 +139,8 @@ class Scheduler(service.Service):
         self._timer = None
         if self._due:
             delay = max(self._due[0][0] - self.clock.seconds(), 0.0)
+            if delay == 0 and self._total >= self.policy.max_concurrent:
+                return  # the next attempt to finish wakes us
             self._timer = self.clock.callLater(delay, self._run_due)
 
     def _run_due(self) -> None:
@@ -126,7 +152,7 @@ class Scheduler(service.Service):
             if queue_id in seen:
                 # Already handled in this round: look again a little later.
                 heapq.heappush(self._due, (now + 1.0, queue_id))
-            elif queue_id not in self._active:
+            elif queue_id not in self._finishing:
                 seen.add(queue_id)
                 self._process(queue_id)
         self._wake()
@@ -136,47 +162,67 @@ class Scheduler(service.Service):
             message = self.store.load(queue_id)
         except UnknownMessage:
             return
-        now = self.clock.seconds()
-        due = [r for r in message.pending() if r.next_attempt <= now]
-        if not due:
-            self._after_attempts(message)
+        except CorruptMessage:
+            self._quarantine(queue_id)
             return
+        now = self.clock.seconds()
+        flying = self._in_flight.get(queue_id, set())
+        due = [r for r in message.pending() if r.next_attempt <= now and r.address not in flying]
+        if not due:
+            if not flying:
+                self._after_attempts(message)
+            return  # else the attempts in flight finish it
         groups: dict[str, list[RecipientState]] = {}
         for recipient in due:
             groups.setdefault(self.destination(recipient.address), []).append(recipient)
-        startable = {
-            destination: recipients
-            for destination, recipients in groups.items()
-            if self._running[destination] < self.policy.per_destination
-        }
+        capacity = self.policy.max_concurrent - self._total
+        startable = {}
+        for destination, recipients in groups.items():
+            free = self._running[destination] < self.policy.per_destination
+            if free and len(startable) < capacity:
+                startable[destination] = recipients
         if len(startable) < len(groups):
-            heapq.heappush(self._due, (now + 1.0, queue_id))
-        if not startable:
-            return
-        self._active.add(queue_id)
-        attempts = [
+            self._blocked.add(queue_id)
+        for destination, recipients in startable.items():
             self._attempt(message, destination, recipients)
-            for destination, recipients in startable.items()
-        ]
-        done = defer.DeferredList(attempts, consumeErrors=True)
-        done.addBoth(lambda _: self._finished(queue_id))
 
-    def _attempt(self, message, destination, recipients) -> defer.Deferred:
+    def _attempt(self, message: QueuedMessage, destination: str, recipients) -> None:
+        addresses = {r.address for r in recipients}
+        self._in_flight.setdefault(message.id, set()).update(addresses)
         self._running[destination] += 1
         self._total += 1
         d = defer.maybeDeferred(self.deliver, message, recipients)
         d.addCallback(self._record, message, recipients)
-        d.addErrback(self._attempt_crashed, message)
+        d.addErrback(self._attempt_crashed, message, recipients)
+        d.addErrback(log.err, f"id={message.id} attempt not recorded")
+        d.addBoth(lambda _: self._attempt_done(message.id, destination, addresses))
 
-        def release(result):
-            self._running[destination] -= 1
-            self._total -= 1
-            return result
+    def _attempt_done(self, queue_id: str, destination: str, addresses: set[str]) -> None:
+        self._running[destination] -= 1
+        self._total -= 1
+        flying = self._in_flight.get(queue_id, set())
+        flying -= addresses
+        if not flying:
+            self._in_flight.pop(queue_id, None)
+            self._finished(queue_id)
+        self._unblock()
 
-        return d.addBoth(release)
+    def _unblock(self) -> None:
+        """A slot is free: what waited for one is due now."""
+        if self._blocked:
+            now = self.clock.seconds()
+            for queue_id in self._blocked:
+                heapq.heappush(self._due, (now, queue_id))
+            self._blocked.clear()
+        self._wake()
 
-    def _attempt_crashed(self, failure, message) -> None:
+    def _attempt_crashed(self, failure, message: QueuedMessage, recipients) -> None:
+        """A bug, not a delivery failure: logged, and retried later like one
+        (not at once, which could loop)."""
         log.err(failure, f"id={message.id} delivery attempt failed unexpectedly")
+        text = f"internal error: {failure.getErrorMessage()}"
+        outcomes = [Outcome(r.address, False, False, "4.3.0", text) for r in recipients]
+        self._record(outcomes, message, recipients)
 
     def _record(self, outcomes: Sequence[Outcome], message: QueuedMessage, recipients) -> None:
         now = self.clock.seconds()
@@ -196,13 +242,15 @@ class Scheduler(service.Service):
             return
         for state in updated.recipients:
             if state.address in by_address and state.last_attempt == now:
-                _log_attempt(updated, state, now)
+                _log_attempt(updated, state, by_address[state.address], now)
 
     def _finished(self, queue_id: str) -> None:
-        self._active.discard(queue_id)
         try:
             message = self.store.load(queue_id)
         except UnknownMessage:
+            return
+        except CorruptMessage:
+            self._quarantine(queue_id)
             return
         self._after_attempts(message)
         self._wake()
@@ -216,9 +264,33 @@ class Scheduler(service.Service):
             self._schedule_message(message)
             return
         failed = [r for r in message.recipients if r.state == FAILED]
-        d = self.report(message, failed, "failed") if failed else defer.succeed(None)
+        # Busy until removed, so that a rescan meanwhile does not report twice.
+        self._finishing.add(message.id)
+        if failed:
+            d = defer.maybeDeferred(self.report, message, failed, "failed")
+        else:
+            d = defer.succeed(None)
         d.addCallback(lambda _: self.store.remove(message.id))
-        d.addErrback(log.err, f"id={message.id} could not be finished")
+        d.addErrback(self._not_finished, message.id)
+        d.addBoth(lambda _: self._finishing.discard(message.id))
+
+    def _not_finished(self, failure, queue_id: str) -> None:
+        """The report or the removal failed: try again later."""
+        if failure.check(UnknownMessage):
+            return  # deleted meanwhile (``twisted-mta queue delete``)
+        log.err(failure, f"id={queue_id} could not be finished; trying again later")
+        heapq.heappush(self._due, (self.clock.seconds() + self.policy.retry_min, queue_id))
+        self._wake()
+
+    def _quarantine(self, queue_id: str) -> None:
+        """An envelope we cannot read stops nothing else: it is set aside."""
+        try:
+            reason = self.store.quarantine(queue_id)
+        except OSError as error:
+            log.msg(f"id={queue_id} unreadable envelope could not be set aside: {error}")
+            return
+        if reason is not None:
+            log.msg(f"id={queue_id} unreadable envelope ({reason}): moved to queue/corrupt/")
 
     def _needs_delay_warning(self, message: QueuedMessage, now: float) -> bool:
         warning = self.policy.delay_warning
@@ -228,8 +300,9 @@ class Scheduler(service.Service):
         def mark(current: QueuedMessage) -> None:
             current.delay_warned = True
 
-        d = self.report(message, message.pending(), "delayed")
-        d.addCallback(lambda _: self.store.update(message.id, mark))
+        # Marked first: a warning is worth less than never sending two.
+        d = defer.maybeDeferred(self.store.update, message.id, mark)
+        d.addCallback(lambda _: self.report(message, message.pending(), "delayed"))
         d.addErrback(log.err, f"id={message.id} delay warning not sent")
 
 
@@ -251,9 +324,12 @@ def _apply(state: RecipientState, outcome: Outcome, now: float, expired: bool, p
         state.next_attempt = now + policy.backoff(state.attempts)
 
 
-def _log_attempt(message: QueuedMessage, state: RecipientState, now: float) -> None:
+def _log_attempt(
+    message: QueuedMessage, state: RecipientState, outcome: Outcome, now: float
+) -> None:
     status = {SENT: "sent", FAILED: "bounced"}.get(state.state, "deferred")
-    detail = f"{state.status} {state.last_error or 'delivered'}"
+    # Like Postfix, a delivery shows the remote's reply (its queue id).
+    detail = f"{state.status} {state.last_error or outcome.text or 'delivered'}"
     log.msg(
         f"id={message.id} to=<{state.address}> relay={state.remote or 'none'} "
         f"delay={now - message.arrival:.2f} status={status} ({detail})"

@@ -8,6 +8,11 @@ daemon and the ``twisted-mta queue`` command both change envelopes; each
 read-change-write holds ``queue/.lock`` (an flock, a few microseconds), so
 neither overwrites the other's change.  A message is removed envelope
 first: a ``.msg`` left without its ``.env`` is cleaned up at the next start.
+
+An envelope that cannot be read (damaged by hand, or written by another
+version) is :class:`CorruptMessage`; the daemon moves it with its ``.msg``
+into ``queue/corrupt/`` for the administrator, like Postfix's corrupt
+queue, so that one bad file stops nothing else.
 """
 
 from __future__ import annotations
@@ -25,11 +30,16 @@ from twisted_mta.files import fsync_directory, write_atomically
 from twisted_mta.queue.spool import ENVELOPE_VERSION
 
 QUEUED, SENT, FAILED = "queued", "sent", "failed"
+CORRUPT_DIR = "corrupt"
 _ID = re.compile(r"[0-9A-F]{8,32}")
 
 
 class UnknownMessage(KeyError):
     """No message with that id is in the queue."""
+
+
+class CorruptMessage(ValueError):
+    """The message's envelope cannot be read."""
 
 
 @dataclass
@@ -101,17 +111,42 @@ class QueueStore:
     def load(self, queue_id: str) -> QueuedMessage:
         path = self.directory / f"{_checked(queue_id)}.env"
         try:
-            document = json.loads(path.read_bytes())
+            data = path.read_bytes()
         except FileNotFoundError:
             raise UnknownMessage(queue_id) from None
-        return QueuedMessage.from_json(document)
+        try:
+            return QueuedMessage.from_json(json.loads(data))
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            raise CorruptMessage(f"{queue_id}: {error}") from None
 
     def messages(self) -> Iterator[QueuedMessage]:
+        """The readable queued messages, oldest first."""
         for queue_id in self.ids():
             try:
                 yield self.load(queue_id)
-            except UnknownMessage:
+            except (UnknownMessage, CorruptMessage):
                 continue
+
+    def quarantine(self, queue_id: str) -> str | None:
+        """Move a message whose envelope cannot be read into ``corrupt/``;
+        the reason, or None if it turned out readable or gone."""
+        with self._locked():
+            try:
+                self.load(queue_id)
+                return None
+            except UnknownMessage:
+                return None
+            except CorruptMessage as error:
+                reason = str(error).partition(": ")[2]
+            corrupt = self.directory / CORRUPT_DIR
+            corrupt.mkdir(mode=0o700, exist_ok=True)
+            for suffix in ("msg", "env"):  # the envelope last, as at intake
+                name = f"{queue_id}.{suffix}"
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(self.directory / name, corrupt / name)
+            fsync_directory(str(corrupt))
+            fsync_directory(str(self.directory))
+            return reason
 
     def update(
         self, queue_id: str, change: Callable[[QueuedMessage], None]

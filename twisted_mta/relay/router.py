@@ -107,14 +107,19 @@ class Router:
             return [await self._smarthost()]
         hosts = await mx_hosts(self.resolver, domain)
         targets = []
+        lookup_failure = None
         for host in hosts:
             try:
                 found = await host_addresses(self.resolver, host.name)
-            except RouteError:
-                found = []
+            except RouteError as error:
+                # A name server failing now says nothing about tomorrow.
+                lookup_failure, found = error, []
             targets.append(RelayTarget(host.name, tuple(found), self.relay.mx_port, "may"))
-        if not any(t.addresses for t in targets) and len(hosts) == 1 and hosts[0].name == domain:
-            raise RouteError(True, "5.1.2", f"Host or domain name not found: {domain}")
+        if not any(t.addresses for t in targets):
+            if lookup_failure is not None:
+                raise lookup_failure
+            if len(hosts) == 1 and hosts[0].name == domain:
+                raise RouteError(True, "5.1.2", f"Host or domain name not found: {domain}")
         return targets
 
     async def _smarthost(self) -> RelayTarget:
