@@ -10,6 +10,7 @@ import json
 import sys
 
 from twisted.internet import reactor
+from twisted.internet.error import CannotListenError
 from twisted.names import authority, dns, server
 
 BUILDERS = {
@@ -33,13 +34,26 @@ class Zones(authority.FileAuthority):
         """Records come from the constructor."""
 
 
+def listen_both(factory, attempts=20):
+    """UDP and TCP on the same free port: take a TCP port, then its UDP twin,
+    trying again if the UDP side happens to be taken."""
+    for _ in range(attempts):
+        tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        port = tcp.getHost().port
+        try:
+            reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+        except CannotListenError:
+            tcp.stopListening()
+            continue
+        return port
+    raise SystemExit("no free port for UDP and TCP")
+
+
 def main():
     with open(sys.argv[1]) as zones_file:
         zones = json.load(zones_file)
     factory = server.DNSServerFactory(authorities=[Zones(zones)])
-    udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
-    port = udp.getHost().port
-    reactor.listenTCP(port, factory, interface="127.0.0.1")
+    port = listen_both(factory)
     print(f"port {port}", flush=True)
     reactor.run()
 

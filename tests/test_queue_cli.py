@@ -91,3 +91,16 @@ def test_flush_works_with_daemon_stopped(queued):
     daemon.stop()
     result = queue_cli(daemon, "flush")
     assert result.returncode == 0 and "2 message(s)" in result.stdout
+
+
+def test_unreadable_envelope_with_daemon_stopped(queued):
+    daemon, ids = queued
+    daemon.stop()
+    (daemon.spool / "queue" / f"{ids[0]}.env").write_text("{not json")
+    listing = queue_cli(daemon, "list")
+    assert listing.returncode == 0 and f"{ids[0]}  unreadable envelope" in listing.stdout
+    flushed = queue_cli(daemon, "flush")
+    assert flushed.returncode == 0 and "1 message(s)" in flushed.stdout
+    bounced = queue_cli(daemon, "bounce", ids[0])
+    assert bounced.returncode == 1 and "Traceback" not in bounced.stderr
+    assert len(bounced.stderr.splitlines()) == 1

@@ -13,7 +13,7 @@ from twisted_mta.auth.passwords import SCHEMES, hash_password
 from twisted_mta.auth.usersfile import set_password_line
 from twisted_mta.config import Config, ConfigError, dump_config, load_config
 from twisted_mta.queue import control
-from twisted_mta.queue.store import QueueStore, UnknownMessage
+from twisted_mta.queue.store import CorruptMessage, QueueStore, UnknownMessage
 
 
 class CommandError(Exception):
@@ -71,6 +71,8 @@ def _queue(args: argparse.Namespace) -> int:
         return _queue_action(args, QueueStore(config.queue_dir))
     except UnknownMessage:
         raise CommandError(f"no message {args.id} in the queue") from None
+    except CorruptMessage as error:
+        raise CommandError(f"message {args.id}: unreadable envelope ({error})") from None
 
 
 def _queue_action(args: argparse.Namespace, store: QueueStore) -> int:
@@ -84,6 +86,8 @@ def _queue_action(args: argparse.Namespace, store: QueueStore) -> int:
             print(f"\n-- {len(messages)} message(s) in the queue")
         else:
             print("the queue is empty")
+        for queue_id in control.unreadable(store):
+            print(f"{queue_id}  unreadable envelope (moved to corrupt/ by the daemon)")
     elif args.action == "flush":
         print(f"{control.flush(store)} message(s) due now")
     elif args.action == "delete":

@@ -13,7 +13,13 @@ import os
 import time
 from pathlib import Path
 
-from twisted_mta.queue.store import FAILED, QueuedMessage, QueueStore
+from twisted_mta.queue.store import (
+    FAILED,
+    CorruptMessage,
+    QueuedMessage,
+    QueueStore,
+    UnknownMessage,
+)
 
 FLUSH_FILE = ".flush"
 ADMIN_BOUNCE_STATUS = "5.0.0"
@@ -36,7 +42,10 @@ def flush(store: QueueStore) -> int:
 
     count = 0
     for queue_id in store.ids():
-        store.update(queue_id, due_now)
+        try:
+            store.update(queue_id, due_now)
+        except (UnknownMessage, CorruptMessage):
+            continue
         count += 1
     request_rescan(store.directory)
     return count
@@ -69,6 +78,19 @@ def describe(message: QueuedMessage, now: float) -> str:
         tries = f" after {recipient.attempts} attempt(s)" if recipient.attempts else ""
         lines.append(f"    <{recipient.address}>  {recipient.state}{tries}{error}")
     return "\n".join(lines)
+
+
+def unreadable(store: QueueStore) -> list[str]:
+    """Ids whose envelope cannot be read (the daemon moves them to corrupt/)."""
+    broken = []
+    for queue_id in store.ids():
+        try:
+            store.load(queue_id)
+        except CorruptMessage:
+            broken.append(queue_id)
+        except UnknownMessage:
+            continue
+    return broken
 
 
 def as_json(messages: list[QueuedMessage]) -> str:
