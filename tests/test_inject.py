@@ -289,3 +289,19 @@ def test_dsn_reporter_for_the_scheduler(system, reactor):
     assert recipient["Action"] == "delayed" and recipient["Status"] == "4.0.0"
     until = email.utils.parsedate_to_datetime(recipient["Will-Retry-Until"]).timestamp()
     assert until == 100.0 + 86400.0
+
+
+def test_failed_bounce_goes_to_the_postmaster_once(system, reactor):
+    queue = system.spool.queue_dir
+    (queue / "0123ABCE.msg").write_bytes(b"Subject: Undelivered Mail Returned to Sender\n\nx\n")
+    failed = RecipientState("gone@remote.example", "failed", 1, 0.0, "550 5.1.1 no such user",
+                            "5.1.1", "mx.remote.example[192.0.2.7]:25", 1000.0)
+    bounce = QueuedMessage("0123ABCE", 100.0, 10, "", [failed], client={"listener": "bounce"})
+    report = dsn_reporter(system, QueueStore(queue), lifetime=86400.0)
+    run(reactor, report(bounce, [failed], "failed"))
+    [notice] = maildir(system, "postmaster")
+    assert b"Final-Recipient: rfc822; gone@remote.example" in notice
+    double = QueuedMessage("0123ABCF", 100.0, 10, "", [failed], client={"listener": "double-bounce"})
+    (queue / "0123ABCF.msg").write_bytes(b"Subject: x\n\nx\n")
+    run(reactor, report(double, [failed], "failed"))
+    assert len(maildir(system, "postmaster")) == 1

@@ -63,6 +63,7 @@ from twisted_mta.smtp.policy import MailSystem, Session, Transaction
 
 SENDMAIL = "sendmail"
 BOUNCE = "bounce"
+DOUBLE_BOUNCE = "double-bounce"
 LOCAL_IP = "127.0.0.1"
 CHUNK = 64 * 1024
 
@@ -179,6 +180,7 @@ async def _send_dsn(
     sender: str,
     failures: Sequence[RecipientFailure],
     original_headers: bytes,
+    origin: str = BOUNCE,
 ) -> str | None:
     if not should_bounce(sender):
         log.msg(f"id={queue_id} no notification: the sender is null")
@@ -187,7 +189,7 @@ async def _send_dsn(
         system.hostname, queue_id, arrival, sender, failures, original_headers, time.time()
     )
     try:
-        bounce_id = await _inject(system, "", [sender], notification, BOUNCE, None)
+        bounce_id = await _inject(system, "", [sender], notification, origin, None)
     except InjectionRefused as refusal:
         replies = "; ".join(r.reply for r in refusal.refused)
         log.msg(f"id={queue_id} sender notification refused: {replies}")
@@ -207,10 +209,30 @@ def dsn_reporter(system: MailSystem, store: QueueStore, lifetime: float) -> Repo
         until = message.arrival + lifetime if action == DELAYED else None
         failures = [_queued_failure(r, action, until) for r in recipients]
         headers = read_original_headers(store.data_path(message.id))
-        d = send_dsn(system, message.id, message.arrival, message.sender, failures, headers)
+        to, origin = message.sender, BOUNCE
+        if not should_bounce(message.sender) and action == FAILED:
+            to, origin = _double_bounce(system, message)
+        if to is None:
+            log.msg(f"id={message.id} undeliverable notification dropped")
+            return defer.succeed(None)
+        d = defer.ensureDeferred(
+            _send_dsn(system, message.id, message.arrival, to, failures, headers, origin)
+        )
         return d.addCallback(lambda _: None)
 
     return report
+
+
+def _double_bounce(system: MailSystem, message: QueuedMessage) -> tuple[str | None, str]:
+    """Where a failed notification is reported: the postmaster, once.
+
+    A notification to the postmaster that fails in turn is only logged, so
+    bounces can never loop.
+    """
+    if message.client.get("listener") != BOUNCE:
+        return None, DOUBLE_BOUNCE
+    domain = system.directory.postmaster_domain(system.hostname)
+    return f"postmaster@{domain}", DOUBLE_BOUNCE
 
 
 def _queued_failure(
