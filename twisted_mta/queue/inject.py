@@ -210,11 +210,11 @@ def dsn_reporter(system: MailSystem, store: QueueStore, lifetime: float) -> Repo
         failures = [_queued_failure(r, action, until) for r in recipients]
         headers = read_original_headers(store.data_path(message.id))
         to, origin = message.sender, BOUNCE
-        if not should_bounce(message.sender) and action == FAILED:
-            to, origin = _double_bounce(system, message)
-        if to is None:
-            log.msg(f"id={message.id} undeliverable notification dropped")
-            return defer.succeed(None)
+        if _is_failed_notification(message, action):
+            # The postmaster hears of it, once: a failure of that report
+            # comes back here from the null sender and is only logged.
+            domain = system.directory.postmaster_domain(system.hostname)
+            to, origin = f"postmaster@{domain}", DOUBLE_BOUNCE
         d = defer.ensureDeferred(
             _send_dsn(system, message.id, message.arrival, to, failures, headers, origin)
         )
@@ -223,16 +223,13 @@ def dsn_reporter(system: MailSystem, store: QueueStore, lifetime: float) -> Repo
     return report
 
 
-def _double_bounce(system: MailSystem, message: QueuedMessage) -> tuple[str | None, str]:
-    """Where a failed notification is reported: the postmaster, once.
-
-    A notification to the postmaster that fails in turn is only logged, so
-    bounces can never loop.
-    """
-    if message.client.get("listener") != BOUNCE:
-        return None, DOUBLE_BOUNCE
-    domain = system.directory.postmaster_domain(system.hostname)
-    return f"postmaster@{domain}", DOUBLE_BOUNCE
+def _is_failed_notification(message: QueuedMessage, action: str) -> bool:
+    """A bounce of ours that could not be delivered."""
+    return (
+        action == FAILED
+        and not should_bounce(message.sender)
+        and message.client.get("listener") == BOUNCE
+    )
 
 
 def _queued_failure(

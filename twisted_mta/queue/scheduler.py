@@ -109,15 +109,20 @@ class Scheduler(service.Service):
         """Schedule every queued message afresh (start, flush, CLI changes)."""
         self._due = []
         for queue_id in self.store.ids():
-            try:
-                message = self.store.load(queue_id)
-            except UnknownMessage:
-                continue
-            except CorruptMessage:
-                self._quarantine(queue_id)
-                continue
-            self._schedule_message(message)
+            message = self._load(queue_id)
+            if message is not None:
+                self._schedule_message(message)
         self._wake()
+
+    def _load(self, queue_id: str) -> QueuedMessage | None:
+        """The message, or None if it is gone or was unreadable (moved aside)."""
+        try:
+            return self.store.load(queue_id)
+        except UnknownMessage:
+            return None
+        except CorruptMessage:
+            self._quarantine(queue_id)
+            return None
 
     def enqueue(self, queue_id: str) -> None:
         """A new message was accepted: try it now."""
@@ -158,12 +163,8 @@ class Scheduler(service.Service):
         self._wake()
 
     def _process(self, queue_id: str) -> None:
-        try:
-            message = self.store.load(queue_id)
-        except UnknownMessage:
-            return
-        except CorruptMessage:
-            self._quarantine(queue_id)
+        message = self._load(queue_id)
+        if message is None:
             return
         now = self.clock.seconds()
         flying = self._in_flight.get(queue_id, set())
@@ -245,12 +246,8 @@ class Scheduler(service.Service):
                 _log_attempt(updated, state, by_address[state.address], now)
 
     def _finished(self, queue_id: str) -> None:
-        try:
-            message = self.store.load(queue_id)
-        except UnknownMessage:
-            return
-        except CorruptMessage:
-            self._quarantine(queue_id)
+        message = self._load(queue_id)
+        if message is None:
             return
         self._after_attempts(message)
         self._wake()
