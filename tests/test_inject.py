@@ -305,3 +305,24 @@ def test_failed_bounce_goes_to_the_postmaster_once(system, reactor):
     (queue / "0123ABCF.msg").write_bytes(b"Subject: x\n\nx\n")
     run(reactor, report(double, [failed], "failed"))
     assert len(maildir(system, "postmaster")) == 1
+
+
+def test_a_looping_message_is_refused_like_at_data(system, reactor):
+    import dataclasses
+    import io
+
+    looping = dataclasses.replace(system, max_hops=3)
+    hops = b"".join(b"Received: by hop%d\n" % n for n in range(4))
+    failure = run(reactor, inject(
+        looping, "bob@example.test", ["alice@example.test"], io.BytesIO(hops + b"Subject: l\n\nx\n"),
+        origin=SENDMAIL,
+    ))
+    assert failure.check(InjectionRefused)
+    assert [(r.code, r.status) for r in failure.value.refused] == [(554, "5.4.6")]
+    assert maildir(system, "alice") == []
+    accepted = run(reactor, inject(
+        looping, "bob@example.test", ["alice@example.test"], io.BytesIO(hops[18:] + b"\nx\n"),
+        origin=SENDMAIL,
+    ))
+    assert isinstance(accepted, str)
+    assert maildir(system, "alice")[0].endswith(hops[18:] + b"\nx\n")

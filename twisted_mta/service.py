@@ -94,7 +94,12 @@ def build_service(config: Config, checkers: Sequence = ()) -> service.MultiServi
         config.aliases.file,
     )
     system = MailSystem(
-        config.hostname, directory, spool, config.relay.networks, config.auth.received_user
+        config.hostname,
+        directory,
+        spool,
+        config.relay.networks,
+        config.auth.received_user,
+        config.limits.max_hops,
     )
     MaildropService(config.maildrop_dir, system, reactor).setServiceParent(top)
     scheduler = _scheduler(config, system)

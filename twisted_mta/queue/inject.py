@@ -59,6 +59,7 @@ from twisted_mta.smtp.address import (
     parse_mail,
     parse_rcpt,
 )
+from twisted_mta.smtp.data import count_received
 from twisted_mta.smtp.policy import MailSystem, Session, Transaction
 
 SENDMAIL = "sendmail"
@@ -154,7 +155,10 @@ async def _inject(
     transaction = _transaction(system, origin)
     sender_address = _sender(sender)
     transaction.validateFrom(None, sender_address)
-    refused = [r for r in (_add_recipient(transaction, a) for a in recipients) if r]
+    if _loops(system, message, start):
+        refused = [Refused(r, 554, "5.4.6", "too many hops (mail loop?)") for r in recipients]
+    else:
+        refused = [r for r in (_add_recipient(transaction, a) for a in recipients) if r]
     addresses = [*transaction.recipients, *transaction.remote]
     transaction.utf8 = sender_address.needs_utf8 or not all(a.isascii() for a in addresses)
     if transaction.recipients:
@@ -309,6 +313,16 @@ def _received(transaction: Transaction, user: str | None) -> bytes:
         lines[-1] += ";"
         lines.append(f"\t{date}")
     return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def _loops(system: MailSystem, message: MessageSource, start: int) -> bool:
+    """More Received headers than ``max_hops``, as at DATA (RFC 5321 6.3)."""
+    if not system.max_hops:
+        return False
+    header = header_block(normalise_line_endings(_head(message, start)))
+    if not isinstance(message, bytes):
+        message.seek(start)
+    return count_received(header) > system.max_hops
 
 
 def _safe_user(user: str | None) -> str | None:

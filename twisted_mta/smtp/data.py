@@ -110,11 +110,17 @@ class DataDecoder:
         if end >= 0:
             section = section[: end + 1]
             self._in_header = False
-        self.hops += len(_RECEIVED.findall(section))
+        self.hops += count_received(section)
 
     def _fail(self, fault: str) -> None:
         if self.fault is None:
             self.fault = fault
+
+
+def count_received(header: bytes) -> int:
+    """Received headers in a header block (LF endings) that starts with LF
+    or at a line start."""
+    return len(_RECEIVED.findall(header if header.startswith(b"\n") else b"\n" + header))
 
 
 def _has_long_line(body: bytes) -> bool:

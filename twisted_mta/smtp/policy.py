@@ -92,6 +92,7 @@ class MailSystem:
     spool: Spool
     relay_networks: Sequence[Network]
     received_user: bool = False
+    max_hops: int = 0
 
 
 @implementer(IRealm)
