@@ -562,6 +562,20 @@ def smarthost_daemon(start_mta, tmp_path, server: CaptureServer, **options) -> D
     return start_mta(users=USERS, extra=relay_config(**options))
 
 
+def test_connection_reused_for_the_next_message_to_the_same_destination(start_mta, tmp_path):
+    with CaptureServer(Behaviour(), host=PLAIN_MX) as server:
+        daemon = smarthost_daemon(start_mta, tmp_path, server, smarthost_tls="none")
+        first = submit(daemon, SENDER, ["one@remote.example"], message("reuse-1"))
+        wait_attempt(daemon, first, "one@remote.example", "sent")
+        second = submit(daemon, SENDER, ["two@remote.example"], message("reuse-2"))
+        wait_attempt(daemon, second, "two@remote.example", "sent")
+        [session] = server.sessions
+        assert [t.recipients for t in session.transactions] == [
+            ["one@remote.example"], ["two@remote.example"]
+        ]
+        assert "RSET" in session.verbs()
+
+
 def test_submission_leaves_through_verified_starttls_smarthost_with_auth(start_mta, tmp_path, ca):
     certificate = ca.issue(PLAIN_MX)
     behaviour = Behaviour(starttls=True, certificate=certificate, auth=("relay-user", "relay-pw"))
@@ -848,6 +862,9 @@ def test_flush_on_running_and_stopped_daemon(start_mta, tmp_path):
         wait_attempt(daemon, first_id, first, "sent")
         wait_attempt(daemon, second_id, second, "sent")
         change_behaviour(server, greeting=BUSY)
+        # A new process: no connection kept from the deliveries above.
+        daemon.stop()
+        daemon.start()
         third = "third@remote.example"
         third_id = submit(daemon, SENDER, [third], message("flush-3"))
         wait_attempt(daemon, third_id, third, "deferred")

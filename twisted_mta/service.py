@@ -102,7 +102,7 @@ def build_service(config: Config, checkers: Sequence = ()) -> service.MultiServi
         config.limits.max_hops,
     )
     MaildropService(config.maildrop_dir, system, reactor).setServiceParent(top)
-    scheduler = _scheduler(config, system)
+    scheduler = _scheduler(config, system, top)
     scheduler.setServiceParent(top)
     spool.on_queued = scheduler.enqueue
     FlushListener(config.queue_dir, scheduler, reactor).setServiceParent(top)
@@ -132,11 +132,12 @@ def build_service(config: Config, checkers: Sequence = ()) -> service.MultiServi
     return top
 
 
-def _scheduler(config: Config, system: MailSystem) -> Scheduler:
+def _scheduler(config: Config, system: MailSystem, parent: service.MultiService) -> Scheduler:
     store = QueueStore(config.queue_dir)
     router = Router(
         reactor, make_resolver(config.relay.resolvers), config.hostname, config.relay, store
     )
+    router.setServiceParent(parent)
     policy = Policy(
         retry_min=config.queue.retry_min,
         retry_max=config.queue.retry_max,

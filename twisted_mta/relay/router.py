@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from twisted.application import service
 from twisted.internet import defer
 from twisted.names import client as dns_client
 
@@ -44,14 +45,25 @@ def make_resolver(resolvers: Sequence[str]):
     return dns_client.createResolver(servers=servers, resolvconf=os.devnull)
 
 
+# How long an idle connection is kept for the next message to the same
+# destination (Postfix's smtp_connection_cache_time_limit is 2 s).
+IDLE_SECONDS = 5.0
+
+
 @dataclass
-class Router:
+class Router(service.Service):
     reactor: object
     resolver: object
     helo_name: str
     relay: RelayConfig
     store: QueueStore
     timeouts: Timeouts = Timeouts()
+    _idle: dict = field(default_factory=dict)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        closing = [self._checkout(key) for key in list(self._idle)]
+        return defer.DeferredList([s.close() for s in closing if s is not None])
 
     def destination(self, address: str) -> str:
         """The key grouping recipients into one transaction."""
@@ -75,6 +87,10 @@ class Router:
             eight_bit=message.body == "8BITMIME",
             smtputf8=message.smtputf8,
         )
+        key = self.destination(addresses[0])
+        cached = self._checkout(key)
+        if cached is not None:
+            return await self._send(key, cached, outgoing)
         try:
             targets = await self._targets(addresses[0].rpartition("@")[2])
         except RouteError as error:
@@ -89,18 +105,52 @@ class Router:
             except RelayError as error:
                 failure = error
                 continue
-            try:
-                result = await session.send(outgoing)
-            finally:
-                await session.close()
-            return [
-                Outcome(r.address, r.delivered, r.permanent, r.status, r.text, result.remote)
-                for r in result.results
-            ]
+            return await self._send(key, session, outgoing)
         return [
             Outcome(a, False, failure.permanent, failure.status, failure.text, failure.remote)
             for a in addresses
         ]
+
+    async def _send(self, key: str, session, outgoing: Outgoing) -> list[Outcome]:
+        """One message on ``session``, which is then kept for the next one
+        to the same destination while it stays usable.  A session that gave
+        a temporary failure is not kept: the next try gets a fresh one."""
+        result = None
+        try:
+            result = await session.send(outgoing)
+        finally:
+            if result is not None and not any(_temporary(r) for r in result.results):
+                self._checkin(key, session)
+            else:
+                session.close()
+        return [
+            Outcome(r.address, r.delivered, r.permanent, r.status, r.text, result.remote)
+            for r in result.results
+        ]
+
+    def _checkin(self, key: str, session) -> None:
+        if not (self.running and session.usable) or key in self._idle:
+            session.close()
+            return
+        timer = self.reactor.callLater(IDLE_SECONDS, self._expire, key)
+        self._idle[key] = (session, timer)
+
+    def _checkout(self, key: str):
+        """An idle session to ``key`` that can still be used, or None."""
+        entry = self._idle.pop(key, None)
+        if entry is None:
+            return None
+        session, timer = entry
+        if timer.active():
+            timer.cancel()
+        if session.usable:
+            return session
+        session.close()
+        return None
+
+    def _expire(self, key: str) -> None:
+        session, _ = self._idle.pop(key)
+        session.close()
 
     async def _targets(self, domain: str) -> list[RelayTarget]:
         if self.relay.smarthost:
@@ -132,6 +182,10 @@ class Router:
         return RelayTarget(
             host, tuple(found), port, self.relay.smarthost_tls, self.relay.ca_file, user, password
         )
+
+
+def _temporary(result) -> bool:
+    return not (result.delivered or result.permanent)
 
 
 def _size(path: Path) -> int:
