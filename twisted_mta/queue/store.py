@@ -151,24 +151,34 @@ class QueueStore:
     def update(
         self, queue_id: str, change: Callable[[QueuedMessage], None]
     ) -> QueuedMessage:
-        """Apply ``change`` to the current envelope and store it durably."""
+        """Apply ``change`` to the current envelope and store it durably.
+
+        A message left with every recipient sent is removed instead: its
+        removal is the durable record that nothing is left to do.
+        """
         with self._locked():
             message = self.load(queue_id)
             change(message)
-            self._write(message)
+            if all(r.state == SENT for r in message.recipients):
+                self._remove(queue_id)
+            else:
+                self._write(message)
             return message
 
     def remove(self, queue_id: str) -> None:
         """Take a message out of the queue (envelope first)."""
         with self._locked():
-            envelope = self.directory / f"{_checked(queue_id)}.env"
-            try:
-                os.unlink(envelope)
-            except FileNotFoundError:
-                raise UnknownMessage(queue_id) from None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.data_path(queue_id))
-            fsync_directory(str(self.directory))
+            self._remove(queue_id)
+
+    def _remove(self, queue_id: str) -> None:
+        envelope = self.directory / f"{_checked(queue_id)}.env"
+        try:
+            os.unlink(envelope)
+        except FileNotFoundError:
+            raise UnknownMessage(queue_id) from None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.data_path(queue_id))
+        fsync_directory(str(self.directory))
 
     def _write(self, message: QueuedMessage) -> None:
         write_atomically(self.directory / f"{message.id}.env", message.to_json())
