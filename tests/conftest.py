@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from twisted.python import log
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -43,3 +44,16 @@ def start_mta(tmp_path):
     yield start
     for daemon in started:
         daemon.stop()
+
+
+@pytest.fixture
+def logged():
+    """The messages logged through twisted.python.log during the test."""
+    lines: list[str] = []
+
+    def observe(event) -> None:
+        lines.append(" ".join(map(str, event["message"])))
+
+    log.addObserver(observe)
+    yield lines
+    log.removeObserver(observe)

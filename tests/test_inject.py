@@ -10,7 +10,6 @@ import json
 
 import pytest
 from test_committer import ThreadReactor
-from twisted.python import log
 
 from twisted_mta.delivery.directory import Directory
 from twisted_mta.queue import inject as inject_module
@@ -55,17 +54,6 @@ def system(tmp_path, reactor):
     yield MailSystem(HOST, directory, spool, relay_networks=())
     committer.stop()
 
-
-@pytest.fixture
-def logged():
-    lines: list[str] = []
-
-    def observe(event) -> None:
-        lines.append(" ".join(map(str, event["message"])))
-
-    log.addObserver(observe)
-    yield lines
-    log.removeObserver(observe)
 
 
 def run(reactor: ThreadReactor, d):

@@ -17,7 +17,6 @@ from conftest import ALIASES, USERS
 from daemon import TWISTD, Daemon, make_daemon
 from test_committer import ThreadReactor
 from twisted.internet import task
-from twisted.python import log
 
 from twisted_mta import sendmail
 from twisted_mta import watch as watch_module
@@ -281,17 +280,6 @@ def service(tmp_path, reactor):
     yield MaildropService(maildrop, system, reactor)
     committer.stop()
 
-
-@pytest.fixture
-def logged():
-    lines: list[str] = []
-
-    def observe(event) -> None:
-        lines.append(" ".join(map(str, event["message"])))
-
-    log.addObserver(observe)
-    yield lines
-    log.removeObserver(observe)
 
 
 def inbox(service: MaildropService, local: str) -> list[bytes]:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from test_committer import ThreadReactor
-from twisted.python import log
 from twisted.python.failure import Failure
 
 from twisted_mta.delivery.directory import Mailbox
@@ -42,17 +41,6 @@ def spool(tmp_path, reactor):
     yield spool
     committer.stop()
 
-
-@pytest.fixture
-def logged():
-    messages: list[str] = []
-
-    def observe(event) -> None:
-        messages.append(" ".join(map(str, event["message"])))
-
-    log.addObserver(observe)
-    yield messages
-    log.removeObserver(observe)
 
 
 def envelope(*remote: str) -> Envelope:
