@@ -15,12 +15,12 @@ import smtplib
 import socket
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import ALIASES, USERS
 from daemon import Daemon, insecure_context, make_daemon
+from replies import Reply
 
 HOSTNAME = b"mx.example.test"
 TIMEOUT = 10.0
@@ -50,16 +50,6 @@ def strict(tmp_path_factory) -> Iterator[Daemon]:
 
 
 # -- a client that sends exactly what it is given ---------------------------
-
-
-@dataclass(frozen=True)
-class Reply:
-    code: int
-    lines: list[bytes]
-
-    @property
-    def text(self) -> bytes:
-        return b"\n".join(self.lines)
 
 
 class Raw:

@@ -36,6 +36,7 @@ from twisted_mta.queue.committer import Committer
 from twisted_mta.queue.spool import Spool
 from twisted_mta.smtp.policy import ITransactionDelivery, MailRealm, MailSystem
 from twisted_mta.smtp.server import ConnectionLimits, MTAServer, ServerSettings
+from replies import Reply
 
 HOSTNAME = "mx.example.test"
 EHLO = b"EHLO client.example.org"
@@ -206,16 +207,6 @@ def twisted_server(portal, tls: bool) -> smtp.ESMTP:
     server.timeout = SETTINGS.idle_timeout
     server.portal = portal
     return server
-
-
-@dataclass(frozen=True)
-class Reply:
-    code: int
-    lines: list[bytes]
-
-    @property
-    def text(self) -> bytes:
-        return b"\n".join(self.lines)
 
 
 @dataclass
