@@ -35,7 +35,7 @@ from twisted_mta.delivery.directory import Directory
 from twisted_mta.queue.committer import Committer
 from twisted_mta.queue.spool import Spool
 from twisted_mta.smtp.policy import ITransactionDelivery, MailRealm, MailSystem
-from twisted_mta.smtp.server import ConnectionLimits, MTAServer, ServerSettings
+from twisted_mta.smtp.server import CLOSE_GRACE, ConnectionLimits, MTAServer, ServerSettings
 from replies import Reply
 
 HOSTNAME = "mx.example.test"
@@ -536,6 +536,15 @@ def test_a_closing_connection_whose_client_reads_nothing_is_aborted():
     client.server.pauseProducing()
     assert not client.transport.disconnected
     client.clock.advance(SETTINGS.idle_timeout)
+    assert client.transport.disconnected
+
+
+def test_a_closing_connection_is_cut_after_a_grace_period():
+    client = our_session()
+    client.command(b"QUIT")
+    assert client.transport.producer is None  # a TLS close waits for none
+    assert client.transport.disconnecting and not client.transport.disconnected
+    client.clock.advance(CLOSE_GRACE)
     assert client.transport.disconnected
 
 

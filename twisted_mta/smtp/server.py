@@ -59,6 +59,9 @@ _ENHANCED = re.compile(rb"^[245]\.\d{1,3}\.\d{1,3} ")
 # NUL and other controls have no place in a command; HT is tolerated.
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _LOCAL_ERROR = (451, "4.3.0", "Error: local error in processing")
+# How long a closing connection may wait for the client to take our last
+# reply and, on TLS, to answer close_notify, before it is cut.
+CLOSE_GRACE = 1.0
 
 
 
@@ -165,6 +168,8 @@ class MTAServer(SaslMixin, smtp.ESMTP):
         self._message = None
         self._write_failure: Failure | None = None
         self._mail = None
+        self._cut = None
+        self._producing = False
 
     # -- connection ---------------------------------------------------
 
@@ -173,12 +178,12 @@ class MTAServer(SaslMixin, smtp.ESMTP):
         ip = getattr(peer, "host", str(peer))
         self.session = Session(self.settings.listener, ip)
         if not self.limits.acquire(ip):
-            self._mode = CLOSED
             self.reply(421, "4.7.0", f"{self.settings.hostname} Too many connections, try later")
-            self.transport.loseConnection()
+            self._close()
             return
         self._counted = True
         self.transport.registerProducer(self, True)
+        self._producing = True
         super().connectionMade()
         self.canStartTLS = (
             ITLSTransport.providedBy(self.transport)
@@ -204,6 +209,8 @@ class MTAServer(SaslMixin, smtp.ESMTP):
         if self._counted:
             self._counted = False
             self.limits.release(self.session.client_ip)
+        if self._cut is not None and self._cut.active():
+            self._cut.cancel()
         super().connectionLost(reason)
 
     def timeoutConnection(self) -> None:
@@ -214,13 +221,25 @@ class MTAServer(SaslMixin, smtp.ESMTP):
         self._close(abort=self._output_blocked)
 
     def _close(self, abort: bool = False) -> None:
+        """Close the connection, for sure and soon.
+
+        A registered producer makes a TLS transport wait with its close
+        forever, and a TLS close waits for the client's close_notify, which
+        a silent client never sends: after ``CLOSE_GRACE`` the connection
+        is cut.
+        """
         self._mode = CLOSED
         self._input.clear()
         self._drop_message()
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
         if abort:
             self.transport.abortConnection()
-        else:
-            self.transport.loseConnection()
+            return
+        self.transport.loseConnection()
+        if self._cut is None:
+            self._cut = self.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
     # -- IPushProducer: told by the transport whether the client reads ---
 
