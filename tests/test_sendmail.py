@@ -376,49 +376,10 @@ def test_without_inotify_drops_are_found_at_start_and_by_a_poll(service, reactor
 
 # -- end to end: the command, then the daemon --------------------------------
 
-TAC = """
-from twisted.application import service
-from twisted.internet import reactor
-
-from twisted_mta.config import load_config
-from twisted_mta.delivery.directory import Directory
-from twisted_mta.queue.committer import Committer
-from twisted_mta.queue.maildrop import MaildropService
-from twisted_mta.queue.spool import Spool
-from twisted_mta.service import CommitterService, build_service
-from twisted_mta.smtp.policy import MailSystem
-from twisted_mta import watch as watch_module
-
-config = load_config()
-application = service.Application("twisted-mta")
-top = build_service(config)
-top.setServiceParent(application)
-if "maildrop" not in top.namedServices:  # until build_service runs it itself
-    committer = Committer(reactor)
-    CommitterService(committer).setServiceParent(application)
-    directory = Directory(
-        frozenset(config.domains.local), config.domains.recipient_delimiter,
-        config.users.file, config.aliases.file,
-    )
-    spool = Spool(config.mail_dir, config.queue_dir, committer)
-    system = MailSystem(config.hostname, directory, spool, config.relay.networks)
-    MaildropService(config.maildrop_dir, system, reactor).setServiceParent(application)
-"""
-
-
 def start_with_maildrop(daemon: Daemon) -> Daemon:
-    """The real daemon plus the maildrop service, from a .tac file."""
-    tac = daemon.root / "mta.tac"
-    tac.write_text(TAC)
+    """The real daemon, once its maildrop is watched."""
     daemon.log.clear()
-    daemon.process = subprocess.Popen(
-        [TWISTD, "-n", "--pidfile=", "-y", str(tac)],
-        cwd=daemon.root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "TWISTED_MTA_CONFIG": str(daemon.config)},
-    )
-    threading.Thread(target=daemon._read_output, args=(daemon.process,), daemon=True).start()
+    daemon.start()
     daemon.wait_for_log(r"maildrop: watching .* \(inotify\)")
     return daemon
 

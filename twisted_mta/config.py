@@ -148,7 +148,7 @@ class QueueConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    """Resource limits; sizes in bytes, ``idle_timeout`` in seconds."""
+    """Resource limits; sizes in bytes, durations in seconds."""
 
     max_message_size: int
     max_recipients: int
@@ -158,6 +158,7 @@ class LimitsConfig:
     max_auth_failures: int
     max_hops: int
     max_errors: int
+    shutdown_timeout: float
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,7 @@ _DEFAULTS: dict[str, Any] = {
         "max_auth_failures": 3,
         "max_hops": 50,
         "max_errors": 10,
+        "shutdown_timeout": "30s",
     },
 }
 
@@ -456,6 +458,7 @@ def _parsers(base: Path, check_files: bool) -> dict[str, dict[str, _Parser]]:
             "max_auth_failures": _count,
             "max_hops": _count,
             "max_errors": _count,
+            "shutdown_timeout": parse_duration,
         },
     }
 

@@ -1,13 +1,27 @@
-"""Assemble the running server from a Config: listeners, portal, spool."""
+"""The running server: assembled from a Config, started, reloaded, drained.
+
+twistd calls ``privilegedStartService`` as root: only the listeners bind
+their ports then.  It drops privileges (``--uid``/``--gid``) and calls
+``startService``: from here on files are touched, so the spool and all
+made in it belong to the run user, and the config and every file it names
+are checked as that user, with one line naming a file it cannot read.
+
+Once the reactor runs, SIGHUP re-reads the config (:meth:`MTAService.reload`)
+and SIGTERM drains: the listeners close, transactions in DATA may finish
+within ``[limits] shutdown_timeout``, every other session is told
+``421 4.3.2``; then the queue and the committer stop and twistd exits 0.
+"""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from twisted.application import service
 from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.cred.portal import Portal
-from twisted.internet import reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -16,26 +30,32 @@ from twisted.python import log
 from twisted_mta.auth.checker import FirstMatch, UsersFileChecker
 from twisted_mta.auth.mechanisms import challengers
 from twisted_mta.auth.throttle import AuthThrottle
-from twisted_mta.config import Config
+from twisted_mta.config import Config, ConfigError, load_config
 from twisted_mta.delivery.directory import Directory
 from twisted_mta.queue.committer import Committer
 from twisted_mta.queue.inject import dsn_reporter
 from twisted_mta.queue.maildrop import MaildropService
 from twisted_mta.queue.runner import FlushListener
 from twisted_mta.queue.scheduler import Policy, Scheduler
-from twisted_mta.queue.store import QueueStore
 from twisted_mta.queue.spool import Spool
+from twisted_mta.queue.store import QueueStore
 from twisted_mta.relay.router import Router, make_resolver
 from twisted_mta.smtp.policy import MailRealm, MailSystem
 from twisted_mta.smtp.sasl import usable_mechanisms
-from twisted_mta.smtp.server import ConnectionLimits, MTAFactory, ServerSettings
-from twisted_mta.tls import TLSError, server_context
+from twisted_mta.smtp.server import ConnectionLimits, MTAFactory, ServerSettings, Sessions
+from twisted_mta.tls import Certificate, ServerTLS, TLSError, files_stamp, load_certificate
 
 LISTENERS = ("smtp", "submission", "submissions")
+# Certificate renewals are picked up within this many seconds (twice this
+# is the contract's 10 s, with room for a slow disk).
+CERTIFICATE_POLL = 4.0
+# Config parts that bind or name where things are: a reload cannot change them.
+_RESTART_ONLY = ("spool", "listen")
 
 
 class ListenerService(service.Service):
-    """Bind one endpoint before privileges are dropped; log where it listens."""
+    """Bind one endpoint before privileges are dropped; say where it listens
+    once the server is ready to serve it."""
 
     def __init__(self, kind: str, description: str, factory) -> None:
         self.kind = kind
@@ -55,7 +75,9 @@ class ListenerService(service.Service):
                 reason = reason.socketError
             raise SystemExit(f"twistd mta: cannot listen on {self.description}: {reason}")
         self._port = outcome
-        address = outcome.getHost()
+
+    def announce(self) -> None:
+        address = self._port.getHost()
         log.msg(f"listening: {self.kind} on {address.host}:{address.port}")
 
     def stopService(self):
@@ -66,27 +88,226 @@ class ListenerService(service.Service):
         return None
 
 
-class CommitterService(service.Service):
-    def __init__(self, committer: Committer) -> None:
-        self.committer = committer
+@dataclass(frozen=True)
+class Intake:
+    """What decides on mail and logins; made anew from each config."""
 
-    def stopService(self) -> None:
-        super().stopService()
+    system: MailSystem
+    portal: Portal
+    mechanisms: dict
+
+
+class MTAService(service.MultiService):
+    """The whole server: listeners, sessions, queue, relay, committer."""
+
+    def __init__(self, config: Config, checkers: Sequence = ()) -> None:
+        super().__init__()
+        self.config = config
+        self.checkers = tuple(checkers)
+        self.committer = Committer(reactor)
+        self.spool = Spool(config.mail_dir, config.queue_dir, self.committer)
+        self.store = QueueStore(config.queue_dir)
+        self.tls = ServerTLS()
+        self.limits = ConnectionLimits(
+            config.limits.max_connections, config.limits.max_connections_per_ip
+        )
+        self.throttle = AuthThrottle(config.auth.failure_delay)
+        self.sessions = Sessions()
+        intake = _intake(config, self.spool, self.checkers)
+        self.listeners = service.MultiService()
+        self.listeners.setServiceParent(self)
+        self.factories = self._listen(config, intake)
+        self.queue = service.MultiService()
+        self.queue.setServiceParent(self)
+        self.maildrop = MaildropService(config.maildrop_dir, intake.system, reactor)
+        self.maildrop.setServiceParent(self.queue)
+        self.router = Router(
+            reactor, make_resolver(config.relay.resolvers), config.hostname, config.relay, self.store
+        )
+        self.router.setServiceParent(self.queue)
+        self.scheduler = Scheduler(
+            self.store,
+            self.router.deliver,
+            dsn_reporter(intake.system, self.store, config.queue.lifetime),
+            self.router.destination,
+            _queue_policy(config),
+            reactor,
+        )
+        self.scheduler.setServiceParent(self.queue)
+        self.spool.on_queued = self.scheduler.enqueue
+        FlushListener(config.queue_dir, self.scheduler, reactor).setServiceParent(self.queue)
+        self._certificate: Certificate | None = None
+        self._refused_stamp = None
+        self._certificate_poll = task.LoopingCall(self._check_certificates)
+        self._certificate_poll.clock = reactor
+        self._old_handlers: dict[int, object] = {}
+
+    def _listen(self, config: Config, intake: Intake) -> dict[str, list[MTAFactory]]:
+        factories: dict[str, list[MTAFactory]] = {kind: [] for kind in LISTENERS}
+        for kind in LISTENERS:
+            settings = _settings(config, kind)
+            for description in getattr(config.listen, kind):
+                factory = MTAFactory(
+                    intake.portal,
+                    settings,
+                    self.limits,
+                    self.tls,
+                    intake.mechanisms,
+                    self.throttle,
+                    self.sessions,
+                )
+                factories[kind].append(factory)
+                wrapped = TLSMemoryBIOFactory(self.tls, False, factory) if settings.implicit_tls else factory
+                ListenerService(kind, description, wrapped).setServiceParent(self.listeners)
+        return factories
+
+    # -- start: after the privilege drop -------------------------------------
+
+    def startService(self) -> None:
+        config = _recheck(self.config)
+        try:
+            self.spool.prepare()
+        except OSError as error:
+            raise SystemExit(
+                f"twistd mta: cannot prepare {error.filename or config.queue_dir}:"
+                f" {error.strerror}"
+            ) from None
+        try:
+            self._use_certificate(_load_certificate(config))
+        except TLSError as error:
+            raise SystemExit(f"twistd mta: {error}") from None
+        super().startService()
+        self._certificate_poll.start(CERTIFICATE_POLL, now=False)
+        reactor.callWhenRunning(self._running)
+        log.msg(
+            f"twisted-mta starting: hostname={config.hostname} spool={config.spool} "
+            f"config={config.source or '(defaults)'}"
+        )
+
+    def _running(self) -> None:
+        """The reactor runs: take over HUP and TERM, then say we serve."""
+        self._handle_signals()
+        for listener in self.listeners:
+            listener.announce()
+
+    def _handle_signals(self) -> None:
+        """Ours replace the reactor's, installed as it started."""
+        handlers = ((signal.SIGHUP, self._on_sighup), (signal.SIGTERM, self._on_sigterm))
+        for number, handler in handlers:
+            self._old_handlers[number] = signal.signal(number, handler)
+
+    def _on_sighup(self, number, frame) -> None:
+        reactor.callFromThread(self.reload)
+
+    def _on_sigterm(self, number, frame) -> None:
+        # Not the reactor's handler: that one makes twistd end by the signal,
+        # and a drained shutdown is a clean exit.
+        reactor.callFromThread(self._terminate)
+
+    def _terminate(self) -> None:
+        log.msg("SIGTERM: shutting down")
+        reactor.stop()
+
+    # -- SIGHUP ------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read the config and the files it names; keep the running
+        config if anything in it does not validate."""
+        try:
+            config = load_config(self.config.source, {})
+            certificate = _load_certificate(config)
+        except (ConfigError, TLSError) as error:
+            log.msg(f"reload: {error}; keeping the running config")
+            return
+        self._apply(config)
+        self._use_certificate(certificate)
+        unchanged = [name for name in _RESTART_ONLY if _differs(self.config, config, name)]
+        self.config = config
+        note = f" ({', '.join(unchanged)}: at the next restart)" if unchanged else ""
+        log.msg(f"reload: config {config.source or '(defaults)'} re-read{note}")
+
+    def _apply(self, config: Config) -> None:
+        intake = _intake(config, self.spool, self.checkers)
+        for kind, factories in self.factories.items():
+            for factory in factories:
+                factory.reconfigure(intake.portal, _settings(config, kind), intake.mechanisms)
+        self.limits.max_total = config.limits.max_connections
+        self.limits.max_per_ip = config.limits.max_connections_per_ip
+        self.throttle.base_delay = config.auth.failure_delay
+        self.maildrop.system = intake.system
+        self.scheduler.policy = _queue_policy(config)
+        self.scheduler.report = dsn_reporter(intake.system, self.store, config.queue.lifetime)
+        self.router.helo_name = config.hostname
+        self.router.relay = config.relay
+        self.router.resolver = make_resolver(config.relay.resolvers)
+
+    def _use_certificate(self, certificate: Certificate) -> None:
+        self._certificate = certificate
+        self._refused_stamp = None
+        self.tls.use(certificate.options)
+
+    def _check_certificates(self) -> None:
+        """Serve a renewed certificate without a restart."""
+        stamp = files_stamp(self._certificate.files)
+        if stamp in (self._certificate.stamp, self._refused_stamp):
+            return
+        try:
+            certificate = _load_certificate(self.config)
+        except TLSError as error:
+            # Half-way through a renewal the pair may not match yet: said
+            # once, and tried again when the files change again.
+            self._refused_stamp = stamp
+            log.msg(f"tls: {error}; keeping the current certificate")
+            return
+        self._use_certificate(certificate)
+        log.msg(f"tls: certificate reloaded from {certificate.files[0]}")
+
+    # -- SIGTERM -----------------------------------------------------------------
+
+    def stopService(self) -> defer.Deferred:
+        """Stop taking connections, drain the sessions, then stop the rest."""
+        service.Service.stopService(self)
+        for number, handler in self._old_handlers.items():
+            signal.signal(number, handler)
+        if self._certificate_poll.running:
+            self._certificate_poll.stop()
+        d = defer.maybeDeferred(self.listeners.stopService)
+        d.addCallback(
+            lambda _: self.sessions.drain(self.config.limits.shutdown_timeout, reactor)
+        )
+        d.addCallback(lambda _: self.queue.stopService())
+        d.addBoth(self._stop_committer)
+        return d
+
+    def _stop_committer(self, result):
         self.committer.stop()
+        return result
 
 
-def build_service(config: Config, checkers: Sequence = ()) -> service.MultiService:
+def build_service(config: Config, checkers: Sequence = ()) -> MTAService:
     """The whole server as one service, ready for twistd."""
-    top = service.MultiService()
-    committer = Committer(reactor)
-    CommitterService(committer).setServiceParent(top)
-    spool = Spool(config.mail_dir, config.queue_dir, committer)
+    return MTAService(config, checkers)
+
+
+def _recheck(config: Config) -> Config:
+    """The config and its files, read again as the user we now run as."""
     try:
-        spool.prepare()
-    except OSError as error:
-        raise SystemExit(
-            f"twistd mta: cannot prepare {error.filename or config.queue_dir}: {error.strerror}"
-        ) from None
+        return load_config(config.source, {})
+    except ConfigError as error:
+        raise SystemExit(f"twistd mta: {error}") from None
+
+
+def _load_certificate(config: Config) -> Certificate:
+    return load_certificate(
+        config.tls.certificate, config.tls.private_key, config.tls_dir, config.hostname
+    )
+
+
+def _differs(old: Config, new: Config, name: str) -> bool:
+    return getattr(old, name) != getattr(new, name)
+
+
+def _intake(config: Config, spool: Spool, checkers: Sequence) -> Intake:
     directory = Directory(
         frozenset(config.domains.local),
         config.domains.recipient_delimiter,
@@ -101,51 +322,9 @@ def build_service(config: Config, checkers: Sequence = ()) -> service.MultiServi
         config.auth.received_user,
         config.limits.max_hops,
     )
-    MaildropService(config.maildrop_dir, system, reactor).setServiceParent(top)
-    scheduler = _scheduler(config, system, top)
-    scheduler.setServiceParent(top)
-    spool.on_queued = scheduler.enqueue
-    FlushListener(config.queue_dir, scheduler, reactor).setServiceParent(top)
     portal = _portal(MailRealm(system), directory, config, checkers)
     mechanisms = usable_mechanisms(challengers(config.auth.mechanisms, config.hostname), portal)
-    throttle = AuthThrottle(config.auth.failure_delay)
-    try:
-        context = server_context(
-            config.tls.certificate, config.tls.private_key, config.tls_dir, config.hostname
-        )
-    except TLSError as error:
-        raise SystemExit(f"twistd mta: {error}") from None
-    limits = ConnectionLimits(
-        config.limits.max_connections, config.limits.max_connections_per_ip
-    )
-    for kind in LISTENERS:
-        settings = _settings(config, kind)
-        for description in getattr(config.listen, kind):
-            factory = MTAFactory(portal, settings, limits, context, mechanisms, throttle)
-            if settings.implicit_tls:
-                factory = TLSMemoryBIOFactory(context, False, factory)
-            ListenerService(kind, description, factory).setServiceParent(top)
-    log.msg(
-        f"twisted-mta starting: hostname={config.hostname} spool={config.spool} "
-        f"config={config.source or '(defaults)'}"
-    )
-    return top
-
-
-def _scheduler(config: Config, system: MailSystem, parent: service.MultiService) -> Scheduler:
-    store = QueueStore(config.queue_dir)
-    router = Router(
-        reactor, make_resolver(config.relay.resolvers), config.hostname, config.relay, store
-    )
-    router.setServiceParent(parent)
-    policy = Policy(
-        retry_min=config.queue.retry_min,
-        retry_max=config.queue.retry_max,
-        lifetime=config.queue.lifetime,
-        delay_warning=config.queue.delay_warning,
-    )
-    report = dsn_reporter(system, store, config.queue.lifetime)
-    return Scheduler(store, router.deliver, report, router.destination, policy, reactor)
+    return Intake(system, portal, mechanisms)
 
 
 def _portal(realm: MailRealm, directory: Directory, config: Config, extra: Sequence) -> Portal:
@@ -157,6 +336,15 @@ def _portal(realm: MailRealm, directory: Directory, config: Config, extra: Seque
     if password_checkers:
         checkers.append(FirstMatch(password_checkers))
     return Portal(realm, checkers)
+
+
+def _queue_policy(config: Config) -> Policy:
+    return Policy(
+        retry_min=config.queue.retry_min,
+        retry_max=config.queue.retry_max,
+        lifetime=config.queue.lifetime,
+        delay_warning=config.queue.delay_warning,
+    )
 
 
 def _settings(config: Config, kind: str) -> ServerSettings:

@@ -1,27 +1,85 @@
 """Server TLS: the configured certificate, or a self-signed one made once.
 
 TLS 1.2 is the floor (RFC 8314 and current practice); ciphers are
-Twisted's defaults, which allow only forward-secret AEAD suites.
+Twisted's defaults, which allow only forward-secret AEAD suites.  The
+listeners hold a :class:`ServerTLS`, whose certificate can be replaced
+while they run (a reload, a renewal on disk): connections made after the
+change get the new one, open ones keep theirs.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import CertificateOptions, TLSVersion
+from zope.interface import implementer
 
 from twisted_mta.files import write_atomically
 
 
 class TLSError(Exception):
     """The certificate or key cannot be used; one line, naming the file."""
+
+
+Stamp = tuple[tuple[int, int, int] | None, ...]
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """What the listeners and STARTTLS make their TLS connections with."""
+
+    def __init__(self) -> None:
+        self._options: CertificateOptions | None = None
+
+    def use(self, options: CertificateOptions) -> None:
+        self._options = options
+
+    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        return SSL.Connection(self._options.getContext(), None)
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A loaded certificate and key, and how their files were when read."""
+
+    options: CertificateOptions
+    files: tuple[Path, Path]
+    stamp: Stamp
+
+
+def load_certificate(
+    certificate: Path | None, private_key: Path | None, tls_dir: Path, hostname: str
+) -> Certificate:
+    """The configured pair, or the self-signed one (made if missing)."""
+    if certificate is None or private_key is None:
+        certificate, private_key = self_signed(tls_dir, hostname)
+    files = (certificate, private_key)
+    # Taken before reading: a change made while we read is seen next time.
+    stamp = files_stamp(files)
+    options = server_context(certificate, private_key, tls_dir, hostname)
+    return Certificate(options, files, stamp)
+
+
+def files_stamp(paths: tuple[Path, ...]) -> Stamp:
+    """What tells a replaced or rewritten file: time, size and inode."""
+    return tuple(_stamp(path) for path in paths)
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_mtime_ns, info.st_size, info.st_ino)
 
 
 def server_context(

@@ -107,6 +107,55 @@ class ConnectionLimits:
             del self.per_ip[ip]
 
 
+class Sessions:
+    """The open sessions of every listener, so that a shutdown can drain them."""
+
+    def __init__(self) -> None:
+        self.closing = False
+        self._open: set[MTAServer] = set()
+        self._drained: list[defer.Deferred] = []
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def add(self, server: MTAServer) -> None:
+        self._open.add(server)
+
+    def remove(self, server: MTAServer) -> None:
+        self._open.discard(server)
+        if not self._open:
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)
+
+    def drain(self, timeout: float, clock) -> defer.Deferred:
+        """Ask every session to finish; fires once all are gone.
+
+        Sessions still open after ``timeout`` (a transfer in DATA that does
+        not end) are cut; what they were sending was never acknowledged.
+        """
+        self.closing = True
+        for server in list(self._open):
+            server.shut_down()
+        if not self._open:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._drained.append(d)
+        cut = clock.callLater(timeout, self._cut_all)
+        return d.addBoth(_cancel_and_pass, cut)
+
+    def _cut_all(self) -> None:
+        log.msg(f"shutdown: {len(self._open)} session(s) did not finish in time, cut")
+        for server in list(self._open):
+            server.transport.abortConnection()
+
+
+def _cancel_and_pass(result, call):
+    if call.active():
+        call.cancel()
+    return result
+
+
 class RcptUser(smtp.User):
     """Twisted's ``User`` around an address we parsed ourselves.
 
@@ -145,10 +194,12 @@ class MTAServer(SaslMixin, smtp.ESMTP):
         context_factory=None,
         throttle: AuthThrottle | None = None,
         clock=None,
+        sessions: Sessions | None = None,
     ) -> None:
         super().__init__(challengers, context_factory)
         self.settings = settings
         self.limits = limits
+        self.sessions = sessions if sessions is not None else Sessions()
         self.throttle = throttle or AuthThrottle(base_delay=1.0)
         self.clock = clock or reactor
         self.host = settings.hostname.encode("ascii")
@@ -170,6 +221,7 @@ class MTAServer(SaslMixin, smtp.ESMTP):
         self._mail = None
         self._cut = None
         self._producing = False
+        self._shutting_down = False
 
     # -- connection ---------------------------------------------------
 
@@ -177,6 +229,10 @@ class MTAServer(SaslMixin, smtp.ESMTP):
         peer = self.transport.getPeer()
         ip = getattr(peer, "host", str(peer))
         self.session = Session(self.settings.listener, ip)
+        self.sessions.add(self)
+        if self.sessions.closing:
+            self._say_shutting_down()
+            return
         if not self.limits.acquire(ip):
             self.reply(421, "4.7.0", f"{self.settings.hostname} Too many connections, try later")
             self._close()
@@ -211,7 +267,17 @@ class MTAServer(SaslMixin, smtp.ESMTP):
             self.limits.release(self.session.client_ip)
         if self._cut is not None and self._cut.active():
             self._cut.cancel()
+        self.sessions.remove(self)
         super().connectionLost(reason)
+
+    def shut_down(self) -> None:
+        """A transaction in DATA may finish; then, or now, 421 and close."""
+        self._shutting_down = True
+        self._process()
+
+    def _say_shutting_down(self) -> None:
+        self.reply(421, "4.3.2", f"{self.settings.hostname} Service shutting down, closing connection")
+        self._close()
 
     def timeoutConnection(self) -> None:
         if self._mode != CLOSED:
@@ -322,6 +388,9 @@ class MTAServer(SaslMixin, smtp.ESMTP):
                     self._input.clear()
                     self._feed_data(pending)
                     continue
+                if self._shutting_down:
+                    self._say_shutting_down()
+                    break
                 line = self._next_line()
                 if line is None:
                     break
@@ -757,13 +826,20 @@ class MTAFactory(smtp.SMTPFactory):
         context_factory=None,
         challengers: dict | None = None,
         throttle: AuthThrottle | None = None,
+        sessions: Sessions | None = None,
     ) -> None:
         super().__init__(portal)
-        self.settings = settings
         self.limits = limits
         self.context_factory = context_factory
-        self.challengers = challengers or {}
         self.throttle = throttle
+        self.sessions = sessions if sessions is not None else Sessions()
+        self.reconfigure(portal, settings, challengers or {})
+
+    def reconfigure(self, portal, settings: ServerSettings, challengers: dict) -> None:
+        """What new connections get from now on; open ones keep theirs."""
+        self.portal = portal
+        self.settings = settings
+        self.challengers = challengers
         self.domain = settings.hostname.encode("ascii")
         self.timeout = settings.idle_timeout
 
@@ -774,6 +850,7 @@ class MTAFactory(smtp.SMTPFactory):
             dict(self.challengers),
             self.context_factory,
             self.throttle,
+            sessions=self.sessions,
         )
         server.factory = self
         server.portal = self.portal
