@@ -177,6 +177,20 @@ def test_passwd_creates_file_mode_0600_with_argon2_default(tmp_path):
     assert StoredPassword.parse(line.split(":", 1)[1]).verify(b"secret")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file away")
+def test_passwd_as_root_keeps_the_owner_and_mode_of_the_file(tmp_path):
+    config = tmp_path / "mta.toml"
+    config.write_text('[users]\nfile = "users"\n')
+    users = tmp_path / "users"
+    users.write_text("bob@example.test:{PLAIN}bob\n")
+    os.chown(users, 65534, 65534)
+    users.chmod(0o640)
+    assert _passwd(config, "alice@example.test", "--scheme", "plain").returncode == 0
+    info = users.stat()
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (65534, 65534, 0o640)
+    assert "alice@example.test:{PLAIN}secret" in users.read_text()
+
+
 def test_passwd_refuses_bad_input(tmp_path):
     config = tmp_path / "mta.toml"
     config.write_text('[users]\nfile = "users"\n')

@@ -12,6 +12,7 @@ from twisted_mta.delivery.directory import (
     MAX_DEPTH,
     AliasLoop,
     Directory,
+    DirectoryUnavailable,
     Mailbox,
     UnknownRecipient,
     UnsafeMailboxName,
@@ -223,19 +224,30 @@ def test_a_rewrite_within_the_same_tick_is_seen(directory, files):
         directory.resolve("x", EXAMPLE)
 
 
-def test_a_vanished_file_keeps_the_last_copy_and_says_so_once(directory, files):
-    users, _ = files
+@pytest.mark.parametrize("which", [0, 1], ids=["users", "aliases"])
+def test_an_unreadable_file_is_a_temporary_failure_said_once(directory, files, which):
     assert directory.is_account("bob@example.test")
     messages: list[str] = []
     observer = lambda event: messages.append(" ".join(map(str, event["message"])))  # noqa: E731
     log.addObserver(observer)
+    path = files[which]
     try:
-        users.unlink()
-        assert directory.is_account("bob@example.test")
-        assert directory.is_account("bob@example.test")
+        path.rename(path.with_name("moved"))
+        for _ in range(2):
+            with pytest.raises(DirectoryUnavailable):
+                directory.resolve("bob", EXAMPLE)
+        path.with_name("moved").rename(path)
+        assert set(directory.resolve("bob", EXAMPLE).mailboxes) == {mailbox("bob@example.test")}
     finally:
         log.removeObserver(observer)
-    assert len([m for m in messages if "keeping the last copy" in m]) == 1
+    assert len([m for m in messages if f"cannot read {path}" in m]) == 1
+
+
+def test_a_file_that_is_not_utf8_is_a_temporary_failure(directory, files):
+    users, _ = files
+    users.write_bytes(b"bob@example.test:{PLAIN}\xff\xfe\n")
+    with pytest.raises(DirectoryUnavailable):
+        directory.users()
 
 
 def test_postmaster_domain():

@@ -15,15 +15,21 @@ def fsync_directory(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
+def write_atomically(
+    path: Path, data: bytes, mode: int = 0o600, owner: tuple[int, int] | None = None
+) -> None:
     """Replace ``path`` with ``data``: a crash leaves the old or the new file.
 
     The data goes to a temporary name beside ``path``, is fsynced, renamed
-    over ``path``, and the directory is fsynced.
+    over ``path``, and the directory is fsynced.  ``owner`` (uid, gid) is
+    given to the new file when it is not ours already: root editing a file
+    the daemon reads must leave it the daemon's.
     """
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
+        if owner is not None and owner != (os.geteuid(), os.getegid()):
+            os.fchown(fd, *owner)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]

@@ -2,7 +2,8 @@
 
 Comments, blank lines and every other line are kept byte for byte; the new
 file replaces the old by rename after an fsync, so a crash leaves either
-the old file or the new one.
+the old file or the new one.  It keeps the old file's mode and owner, so
+that root adding an account leaves the file readable by the daemon.
 """
 
 from __future__ import annotations
@@ -41,5 +42,9 @@ def _account_of(line: bytes) -> str | None:
 
 
 def _replace(path: Path, content: bytes) -> None:
-    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o600
-    write_atomically(path, content, mode)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        write_atomically(path, content, 0o600)
+        return
+    write_atomically(path, content, stat.S_IMODE(info.st_mode), (info.st_uid, info.st_gid))

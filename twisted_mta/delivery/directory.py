@@ -8,7 +8,8 @@ domain's catch-all ``@domain``; then ``postmaster``, which always exists.
 Aliases expand recursively, at most ``MAX_DEPTH`` aliases deep; an alias
 that comes back to itself delivers to the mailbox of that name if there is
 one (``alice: alice, archive@example.org``), else it is a loop.  Both files
-are re-read when they change.
+are re-read when they change.  While one cannot be read, every lookup
+raises :class:`DirectoryUnavailable`: a temporary failure, never "unknown".
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ _TARGET_PART = r'[^\s<>()\[\]\\,;:"@|/\x00-\x1f\x7f]+'
 _TARGET = re.compile(rf"{_TARGET_PART}(?:@{_TARGET_PART})?")
 
 T = TypeVar("T")
+
+
+class DirectoryUnavailable(OSError):
+    """The users or aliases file cannot be read now; try again later."""
 
 
 class UnknownRecipient(LookupError):
@@ -75,7 +80,12 @@ class Resolution:
 
 class _WatchedFile(Generic[T]):
     """A file parsed again whenever its modification time, size or inode
-    changes.  A missing or unreadable file keeps the last good copy."""
+    changes.
+
+    A file that cannot be read raises :class:`DirectoryUnavailable` rather
+    than answering from an older copy: an account removed, or a file made
+    unreadable by mistake, must not go on as if nothing happened.
+    """
 
     def __init__(self, path: Path | None, parse: Callable[[list[str]], T]) -> None:
         self._path = path
@@ -95,9 +105,11 @@ class _WatchedFile(Generic[T]):
                     self._value = self._parse(list(lines))
                 self._stamp = None if _is_racy(info.st_mtime_ns) else stamp
         except (OSError, UnicodeDecodeError) as error:
-            self._report(f"cannot read {self._path}: {error}; keeping the last copy")
-        else:
-            self._report(None)
+            self._stamp = None
+            problem = f"cannot read {self._path}: {getattr(error, 'strerror', None) or error}"
+            self._report(problem)
+            raise DirectoryUnavailable(problem) from None
+        self._report(None)
         return self._value
 
     def _report(self, problem: str | None) -> None:
@@ -281,6 +293,7 @@ def _path(local: str, domain: str) -> str:
 
 __all__ = [
     "AliasLoop",
+    "DirectoryUnavailable",
     "Directory",
     "Mailbox",
     "Resolution",

@@ -116,8 +116,9 @@ def inject(
     in (:data:`SENDMAIL`, :data:`BOUNCE`); ``user`` is the local login that
     submitted it, for the Received header and the log.  Fails with
     ``PathError`` if ``sender`` is not an address, with
-    :class:`InjectionRefused` if no recipient was accepted, and with the
-    spool's ``StorageError`` if the message could not be stored.
+    :class:`InjectionRefused` if no recipient was accepted, with the
+    ``Refusal`` of a temporary failure (a directory that cannot be read) and
+    with the spool's ``StorageError`` if the message could not be stored.
     """
     return defer.ensureDeferred(
         _inject(system, sender, recipients, message, origin, _safe_user(user))
@@ -280,6 +281,8 @@ def _add_recipient(transaction: Transaction, recipient: str) -> Refused | None:
         shown = _CONTROL.sub("?", recipient)
         return Refused(shown, error.code, error.enhanced, error.text)
     except SMTPServerError as error:
+        if error.code < 500:
+            raise  # temporary: the whole message is tried again later, not bounced
         status, _, text = str(error.resp).partition(" ")
         return Refused(recipient, error.code, status, text)
     return None

@@ -8,7 +8,8 @@ on each recipient:
 
 * a local domain, or ``<postmaster>`` without one: resolved through the
   directory (550 5.1.1 unknown, 550 5.4.6 alias loop, 550 5.1.3 a name that
-  could not be a Maildir);
+  could not be a Maildir, 451 4.3.0 while the users or aliases file cannot
+  be read);
 * any other domain: relayed if the client is in ``[relay] networks`` or
   authenticated, else 554 5.7.1.  Relayed recipients go to the queue.
 
@@ -31,6 +32,7 @@ from zope.interface import Attribute, implementer
 from twisted_mta.delivery.directory import (
     AliasLoop,
     Directory,
+    DirectoryUnavailable,
     Mailbox,
     UnknownRecipient,
     UnsafeMailboxName,
@@ -110,6 +112,14 @@ class MailRealm:
         return IMessageDeliveryFactory, factory, _no_logout
 
 
+def _temporarily(lookup: Callable, *args):
+    """Run a directory lookup; a file that cannot be read is a 451, not a 5xx."""
+    try:
+        return lookup(*args)
+    except DirectoryUnavailable:
+        raise Refusal(451, "4.3.0", "Temporary lookup failure") from None
+
+
 def _no_logout() -> None:
     return None
 
@@ -146,7 +156,7 @@ class Transaction:
     recipients: list[str] = field(default_factory=list)
 
     def validateFrom(self, helo, origin):
-        if self.user is not None and not self._owned_by_user(origin):
+        if self.user is not None and not _temporarily(self._owned_by_user, origin):
             raise Refusal(
                 553, "5.7.1", f"<{origin}>: Sender address rejected: not owned by user {self.user}"
             )
@@ -180,7 +190,7 @@ class Transaction:
         )
         recipient = str(Address(address.local, domain.encode("utf-8")))
         if not address.domain or directory.is_local(domain):
-            self._accept_local(address.local.decode("utf-8"), domain, recipient)
+            _temporarily(self._accept_local, address.local.decode("utf-8"), domain, recipient)
         elif self.user is not None or self.session.client_in(self.system.relay_networks):
             self._add_remote([recipient])
         else:

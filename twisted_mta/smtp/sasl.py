@@ -31,6 +31,7 @@ from twisted.python import log
 from twisted.python.failure import Failure
 
 from twisted_mta.auth.mechanisms import MalformedResponse
+from twisted_mta.delivery.directory import DirectoryUnavailable
 from twisted_mta.smtp.modes import AUTH, CLOSED, COMMAND
 
 _NEEDS = {
@@ -118,7 +119,10 @@ class SaslMixin:
 
     def _login_failed(self, failure: Failure, challenger):
         if not failure.check(UnauthorizedLogin):
-            log.err(failure, "authentication error")
+            if failure.check(DirectoryUnavailable):
+                log.msg(f"auth: {failure.value}; answered 454 4.7.0")
+            else:
+                log.err(failure, "authentication error")
             return self.reply(454, "4.7.0", "Temporary authentication failure")
         self._auth_failures += 1
         ip = self.session.client_ip
