@@ -27,6 +27,7 @@ from twisted_mta.queue.store import QueueStore
 from twisted_mta.queue.spool import Spool
 from twisted_mta.relay.router import Router, make_resolver
 from twisted_mta.smtp.policy import MailRealm, MailSystem
+from twisted_mta.smtp.proxy import ProxyWrappingFactory
 from twisted_mta.smtp.sasl import usable_mechanisms
 from twisted_mta.smtp.server import ConnectionLimits, MTAFactory, ServerSettings
 from twisted_mta.tls import TLSError, server_context
@@ -124,6 +125,8 @@ def build_service(config: Config, checkers: Sequence = ()) -> service.MultiServi
             factory = MTAFactory(portal, settings, limits, context, mechanisms, throttle)
             if settings.implicit_tls:
                 factory = TLSMemoryBIOFactory(context, False, factory)
+            if kind in config.proxy.listeners:
+                factory = ProxyWrappingFactory(factory, config.proxy.trusted, reactor)
             ListenerService(kind, description, factory).setServiceParent(top)
     log.msg(
         f"twisted-mta starting: hostname={config.hostname} spool={config.spool} "
