@@ -35,6 +35,15 @@ def test_check_config_refuses_bad_config_in_one_line(tmp_path):
     assert str(config) in line and "limits.max_recipients" in line
 
 
+def test_check_config_refuses_a_haproxy_endpoint(tmp_path):
+    config = tmp_path / "proxied.toml"
+    config.write_text('[listen]\nsmtp = ["haproxy:tcp:0"]\n')
+    result = run("twisted-mta", "check-config", "--config", str(config))
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert "listen.smtp" in line and "use [proxy] listeners" in line
+
+
 def test_twistd_refuses_bad_config_without_binding(tmp_path):
     config = tmp_path / "bad.toml"
     config.write_text('hostname = "mx.example.test"\nbogus = 1\n')

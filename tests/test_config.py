@@ -162,6 +162,7 @@ def test_embedded_relay_queue_and_limit_defaults() -> None:
     assert limits.max_auth_failures == 3
     assert limits.max_hops == 50
     assert limits.max_errors == 10
+    assert (config.proxy.listeners, config.proxy.trusted) == ((), ())
 
 
 def test_default_local_domains_are_deduplicated(
@@ -554,6 +555,73 @@ def test_distinct_listeners_are_accepted(
     load_text(tmp_path, text)
 
 
+# -- PROXY protocol -----------------------------------------------------------
+
+
+def test_proxy_listeners_and_trusted_networks(tmp_path: Path) -> None:
+    text = (
+        "[proxy]\n"
+        'listeners = ["submissions", "smtp", "smtp"]\n'
+        'trusted = ["10.0.0.5/32", "2001:db8::1/64"]\n'
+    )
+    proxy = load_text(tmp_path, text).proxy
+    assert proxy.listeners == ("submissions", "smtp")
+    assert proxy.trusted == (
+        ipaddress.ip_network("10.0.0.5/32"),
+        ipaddress.ip_network("2001:db8::/64"),
+    )
+
+
+def test_trusted_proxies_without_proxy_listeners_are_accepted(
+    tmp_path: Path,
+) -> None:
+    proxy = load_text(tmp_path, '[proxy]\ntrusted = ["10.0.0.5"]\n').proxy
+    assert proxy.listeners == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[proxy]\nlisteners = ['smtp', 'lmtp']\ntrusted = ['10.0.0.5']\n",
+         "proxy.listeners: expected smtp or submission or submissions,"
+         " got 'lmtp'"),
+        ("[proxy]\nlisteners = 'smtp'\ntrusted = ['10.0.0.5']\n",
+         "proxy.listeners: expected a list of strings, got 'smtp'"),
+        ("[proxy]\nlisteners = ['SMTP']\ntrusted = ['10.0.0.5']\n",
+         "proxy.listeners: expected smtp or submission or submissions,"
+         " got 'SMTP'"),
+        ("[proxy]\nlisteners = ['smtp']\n",
+         "proxy.trusted: must not be empty when proxy.listeners is set"),
+        ("[proxy]\nlisteners = ['smtp']\ntrusted = []\n",
+         "proxy.trusted: must not be empty when proxy.listeners is set"),
+        ("[proxy]\nlisteners = ['smtp']\ntrusted = ['haproxy.example']\n",
+         "proxy.trusted: not a network: 'haproxy.example'"),
+        ("[proxy]\ntrusted = '10.0.0.5'\n",
+         "proxy.trusted: expected a list of strings, got '10.0.0.5'"),
+        ("[proxy]\nsend_proxy = true\n", "proxy.send_proxy: unknown key"),
+    ],
+)
+def test_refused_proxy_value(tmp_path: Path, text: str, message: str) -> None:
+    assert error_for(tmp_path, text) == message
+
+
+@pytest.mark.parametrize("key", ["smtp", "submission", "submissions"])
+@pytest.mark.parametrize(
+    "endpoint",
+    ["haproxy:tcp:0", "HAProxy:tcp:0:interface=127.0.0.1", "hap\\\\roxy:tcp:0"],
+)
+def test_haproxy_endpoints_are_refused(
+    tmp_path: Path, key: str, endpoint: str
+) -> None:
+    """Twisted's haproxy: endpoint would take a header from any source."""
+    text = f'[listen]\n{key} = ["tcp:0", "{endpoint}"]\n'
+    value = tomllib.loads(text)["listen"][key][1]
+    assert error_for(tmp_path, text) == (
+        f"listen.{key}: bad endpoint {value!r}: haproxy: takes a PROXY header"
+        " from any source; use [proxy] listeners and trusted instead"
+    )
+
+
 # -- Files --------------------------------------------------------------------
 
 
@@ -679,6 +747,8 @@ def test_dump_of_a_full_config_round_trips(tmp_path: Path) -> None:
         "max_connections = 6\nmax_connections_per_ip = 7\n"
         'idle_timeout = "1m"\nmax_auth_failures = 8\nmax_hops = 9\n'
         "max_errors = 11\n"
+        '[proxy]\nlisteners = ["smtp", "submissions"]\n'
+        'trusted = ["10.0.0.5/32", "2001:db8::/64"]\n'
     )
     config = load_text(tmp_path, text)
     assert config.relay.smarthost_user == 'us"er\\ \u00e9\t'

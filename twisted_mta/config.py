@@ -33,6 +33,7 @@ __all__ = [
     "DomainsConfig",
     "LimitsConfig",
     "ListenConfig",
+    "ProxyConfig",
     "QueueConfig",
     "RelayConfig",
     "TLSConfig",
@@ -50,6 +51,7 @@ ENVIRONMENT_VARIABLE = "TWISTED_MTA_CONFIG"
 DEFAULTS_LABEL = "(defaults)"
 MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
 SMARTHOST_TLS_MODES = ("starttls", "implicit", "none")
+LISTENER_KINDS = ("smtp", "submission", "submissions")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _Parser = Callable[[Any, str], Any]  # (TOML value, dotted key) -> value
@@ -162,6 +164,14 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class ProxyConfig:
+    """Listeners behind a PROXY protocol proxy, and the proxies trusted."""
+
+    listeners: tuple[str, ...]
+    trusted: tuple[Network, ...]
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole effective configuration.
 
@@ -181,6 +191,7 @@ class Config:
     relay: RelayConfig
     queue: QueueConfig
     limits: LimitsConfig
+    proxy: ProxyConfig
 
     @property
     def queue_dir(self) -> Path:
@@ -213,6 +224,7 @@ _SECTIONS: dict[str, type] = {
     "relay": RelayConfig,
     "queue": QueueConfig,
     "limits": LimitsConfig,
+    "proxy": ProxyConfig,
 }
 
 # Defaults in TOML form; they go through the same parsers as the file.
@@ -261,6 +273,7 @@ _DEFAULTS: dict[str, Any] = {
         "max_errors": 10,
         "shutdown_timeout": "30s",
     },
+    "proxy": {"listeners": [], "trusted": []},
 }
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", re.IGNORECASE)
@@ -420,9 +433,7 @@ def _parsers(base: Path, check_files: bool) -> dict[str, dict[str, _Parser]]:
     """
     readable = partial(_readable_file, base=base, check=check_files)
     return {
-        "listen": dict.fromkeys(
-            ("smtp", "submission", "submissions"), _endpoints
-        ),
+        "listen": dict.fromkeys(LISTENER_KINDS, _endpoints),
         "tls": dict.fromkeys(("certificate", "private_key"), readable),
         "domains": {"local": _domains, "recipient_delimiter": _delimiter},
         "users": {"file": readable},
@@ -460,6 +471,7 @@ def _parsers(base: Path, check_files: bool) -> dict[str, dict[str, _Parser]]:
             "max_errors": _count,
             "shutdown_timeout": parse_duration,
         },
+        "proxy": {"listeners": _listener_kinds, "trusted": _networks},
     }
 
 
@@ -601,6 +613,14 @@ def _mechanisms(value: Any, key: str) -> tuple[str, ...]:
     return _unique(names)
 
 
+def _listener_kinds(value: Any, key: str) -> tuple[str, ...]:
+    names = _string_list(value, key)
+    for name in names:
+        if name not in LISTENER_KINDS:
+            raise _expected(key, " or ".join(LISTENER_KINDS), name)
+    return _unique(names)
+
+
 def _networks(value: Any, key: str) -> tuple[Network, ...]:
     networks = []
     for text in _string_list(value, key):
@@ -694,6 +714,12 @@ def _endpoints(value: Any, key: str) -> tuple[str, ...]:
 def _check_endpoint(description: str, key: str) -> None:
     from twisted.internet import reactor  # not at import: twistd picks it
 
+    if _split_endpoint(description)[0][0].lower() == "haproxy":
+        raise ConfigValueError(
+            key,
+            f"bad endpoint {description!r}: haproxy: takes a PROXY header"
+            " from any source; use [proxy] listeners and trusted instead",
+        )
     try:
         serverFromString(reactor, description)
         _endpoint_address(description)
@@ -749,6 +775,10 @@ def _check_consistency(config: Config) -> None:
             f" got {config.queue.retry_min:g}s",
         )
     _check_duplicate_ports(config.listen)
+    if config.proxy.listeners and not config.proxy.trusted:
+        raise ConfigValueError(
+            "proxy.trusted", "must not be empty when proxy.listeners is set"
+        )
 
 
 def _check_tls_pair(tls: TLSConfig) -> None:

@@ -41,6 +41,7 @@ from twisted_mta.queue.spool import Spool
 from twisted_mta.queue.store import QueueStore
 from twisted_mta.relay.router import Router, make_resolver
 from twisted_mta.smtp.policy import MailRealm, MailSystem
+from twisted_mta.smtp.proxy import ProxyWrappingFactory
 from twisted_mta.smtp.sasl import usable_mechanisms
 from twisted_mta.smtp.server import ConnectionLimits, MTAFactory, ServerSettings, Sessions
 from twisted_mta.tls import Certificate, ServerTLS, TLSError, files_stamp, load_certificate
@@ -50,7 +51,7 @@ LISTENERS = ("smtp", "submission", "submissions")
 # is the contract's 10 s, with room for a slow disk).
 CERTIFICATE_POLL = 4.0
 # Config parts that bind or name where things are: a reload cannot change them.
-_RESTART_ONLY = ("spool", "listen")
+_RESTART_ONLY = ("spool", "listen", "proxy.listeners")
 
 
 class ListenerService(service.Service):
@@ -116,6 +117,7 @@ class MTAService(service.MultiService):
         intake = _intake(config, self.spool, self.checkers)
         self.listeners = service.MultiService()
         self.listeners.setServiceParent(self)
+        self.proxies: list[ProxyWrappingFactory] = []
         self.factories = self._listen(config, intake)
         self.queue = service.MultiService()
         self.queue.setServiceParent(self)
@@ -157,9 +159,18 @@ class MTAService(service.MultiService):
                     self.sessions,
                 )
                 factories[kind].append(factory)
-                wrapped = TLSMemoryBIOFactory(self.tls, False, factory) if settings.implicit_tls else factory
+                wrapped = self._wrap(kind, settings, factory)
                 ListenerService(kind, description, wrapped).setServiceParent(self.listeners)
         return factories
+
+    def _wrap(self, kind: str, settings: ServerSettings, factory: MTAFactory):
+        """TLS around the server for implicit TLS, the PROXY header outside it."""
+        if settings.implicit_tls:
+            factory = TLSMemoryBIOFactory(self.tls, False, factory)
+        if kind in self.config.proxy.listeners:
+            factory = ProxyWrappingFactory(factory, self.config.proxy.trusted, reactor)
+            self.proxies.append(factory)
+        return factory
 
     # -- start: after the privilege drop -------------------------------------
 
@@ -231,6 +242,8 @@ class MTAService(service.MultiService):
         for kind, factories in self.factories.items():
             for factory in factories:
                 factory.reconfigure(intake.portal, _settings(config, kind), intake.mechanisms)
+        for proxy in self.proxies:
+            proxy.trusted = config.proxy.trusted
         self.limits.max_total = config.limits.max_connections
         self.limits.max_per_ip = config.limits.max_connections_per_ip
         self.throttle.base_delay = config.auth.failure_delay
@@ -304,7 +317,15 @@ def _load_certificate(config: Config) -> Certificate:
 
 
 def _differs(old: Config, new: Config, name: str) -> bool:
-    return getattr(old, name) != getattr(new, name)
+    path = name.split(".")
+    return _value(old, path) != _value(new, path)
+
+
+def _value(config: Config, path: list[str]):
+    value = config
+    for name in path:
+        value = getattr(value, name)
+    return value
 
 
 def _intake(config: Config, spool: Spool, checkers: Sequence) -> Intake:
