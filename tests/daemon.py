@@ -63,9 +63,14 @@ class Daemon:
     def spool(self) -> Path:
         return self.root / "var"
 
-    def start(self, extra_args: tuple[str, ...] = ()) -> "Daemon":
+    def start(
+        self, extra_args: tuple[str, ...] = (), twistd_args: tuple[str, ...] = ()
+    ) -> "Daemon":
+        """Start ``twistd [twistd_args] mta --config FILE [extra_args]``."""
         self.ports = {}
-        command = [TWISTD, "-n", "--pidfile=", "mta", "--config", str(self.config), *extra_args]
+        command = [
+            TWISTD, "-n", "--pidfile=", *twistd_args, "mta", "--config", str(self.config), *extra_args
+        ]
         self.process = subprocess.Popen(
             command,
             cwd=self.root,
