@@ -16,8 +16,9 @@ TIMEOUT = 10.0
 
 
 class SilentTLSClient:
-    def __init__(self, port: int, *, implicit: bool = True) -> None:
+    def __init__(self, port: int, *, implicit: bool = True, preamble: bytes = b"") -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.sock.sendall(preamble)
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._tls: ssl.SSLObject | None = None

@@ -79,3 +79,13 @@ def test_too_many_connections_closes_a_silent_tls_client(start_mta):
         assert first.banner.startswith(b"220 ")
         assert second.banner.startswith(b"421 4.7.0")
         assert second.wait_for_close() < CLOSED_WITHIN
+
+
+def test_quit_closes_a_tls_session_behind_a_proxy_header(start_mta):
+    extra = '[proxy]\nlisteners = ["smtp"]\ntrusted = ["127.0.0.1/32"]\n'
+    daemon = start_mta(users=USERS, extra=extra)
+    header = b"PROXY TCP4 203.0.113.9 127.0.0.1 5000 25\r\n"
+    with SilentTLSClient(daemon.ports["smtp"], implicit=False, preamble=header) as client:
+        assert b"[203.0.113.9]" in client.command(b"EHLO client.example.org")
+        assert client.command(b"QUIT").startswith(b"221 2.0.0")
+        assert client.wait_for_close() < CLOSED_WITHIN
