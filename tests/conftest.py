@@ -2,7 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from twisted.python import log
+from twisted.logger import formatEvent, globalLogPublisher
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -48,12 +48,13 @@ def start_mta(tmp_path):
 
 @pytest.fixture
 def logged():
-    """The messages logged through twisted.python.log during the test."""
+    """The text of every event logged during the test, through
+    twisted.python.log or twisted.logger."""
     lines: list[str] = []
 
     def observe(event) -> None:
-        lines.append(" ".join(map(str, event["message"])))
+        lines.append(formatEvent(event))
 
-    log.addObserver(observe)
+    globalLogPublisher.addObserver(observe)
     yield lines
-    log.removeObserver(observe)
+    globalLogPublisher.removeObserver(observe)

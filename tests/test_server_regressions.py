@@ -25,6 +25,7 @@ from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
+from twisted.logger import eventAsJSON, eventFromJSON, formatEvent, globalLogPublisher
 from twisted.mail import smtp
 from twisted.mail._cred import PLAINCredentials
 from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
@@ -34,6 +35,7 @@ from zope.interface import implementer
 from twisted_mta.delivery.directory import Directory
 from twisted_mta.queue.committer import Committer
 from twisted_mta.queue.spool import Spool
+from twisted_mta.smtp import logline
 from twisted_mta.smtp.policy import ITransactionDelivery, MailRealm, MailSystem
 from twisted_mta.smtp.server import CLOSE_GRACE, ConnectionLimits, MTAServer, ServerSettings
 from replies import Reply
@@ -146,6 +148,8 @@ class WholeMessage:
         self.chunks.append(data)
 
     def eomReceived(self):
+        if self.delivery.eom_error is not None:
+            return defer.fail(self.delivery.eom_error)
         self.delivery.messages.append(self.received + b"".join(self.chunks))
         return defer.succeed(self.delivery.queue_id)
 
@@ -599,6 +603,101 @@ def test_too_many_recipients_get_452_and_the_message_goes_to_the_others():
     client.send(b"DATA\r\nhi\r\n.\r\n")
     assert client.codes() == [354, 250]
     assert len(client.delivery.messages) == 2
+
+
+# -- refusals in the log ----------------------------------------------------
+
+CLIENT = IPv4Address("TCP", "192.0.2.7", 4025)
+
+
+@pytest.fixture
+def rejects():
+    """The reject events logged during the test."""
+    events = []
+
+    def observe(event) -> None:
+        if event.get("log_namespace") == logline.__name__:
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
+def test_a_validator_refusal_is_logged_with_its_fields(rejects):
+    error = smtp.SMTPServerError(451, "4.3.0 <a@example.test>: Temporary lookup failure")
+    client = our_session(RecordingDelivery(recipient_error=error), peer=CLIENT)
+    client.command(b"HELO client.example.org")
+    client.command(b"MAIL FROM:<sender@example.org>")
+    assert client.command(b"RCPT TO:<a@example.test>").code == 451
+    [event] = rejects
+    fields = {
+        "queue_id": "NOQUEUE",
+        "stage": "RCPT",
+        "client_ip": "192.0.2.7",
+        "code": 451,
+        "enhanced": "4.3.0",
+        "text": "<a@example.test>: Temporary lookup failure",
+        "sender": "sender@example.org",
+        "recipient": "a@example.test",
+        "proto": "SMTP",
+        "helo": "client.example.org",
+    }
+    assert {name: event[name] for name in fields} == fields
+    line = (
+        "NOQUEUE: reject: RCPT from unknown[192.0.2.7]: 451 4.3.0 <a@example.test>: Temporary"
+        " lookup failure; from=<sender@example.org> to=<a@example.test> proto=SMTP"
+        " helo=<client.example.org>"
+    )
+    assert formatEvent(event) == line
+    assert formatEvent(eventFromJSON(eventAsJSON(event))) == line
+
+
+@implementer(ITransactionDelivery)
+class FullDisk(TransactionDelivery):
+    def open_message(self, received: bytes) -> WholeMessage:
+        raise smtp.SMTPServerError(452, b"4.3.1 Insufficient system storage")
+
+
+def test_a_refusal_at_data_names_the_first_recipient(rejects):
+    client = our_session(FullDisk(), peer=CLIENT)
+    client.command(EHLO)
+    client.command(b"MAIL FROM:<>")
+    client.command(b"RCPT TO:<alice@example.test>")
+    client.command(b"RCPT TO:<bob@example.test>")
+    assert client.command(b"DATA").code == 452
+    assert [formatEvent(event) for event in rejects] == [
+        "NOQUEUE: reject: DATA from unknown[192.0.2.7]: 452 4.3.1 Insufficient system storage;"
+        " from=<> to=<alice@example.test> proto=ESMTP helo=<client.example.org>"
+    ]
+
+
+def test_a_refusal_at_the_end_of_the_message_names_its_queue_id(rejects):
+    storage = smtp.SMTPServerError(452, b"4.3.1 Insufficient system storage")
+    client = our_session(TransactionDelivery(eom_error=storage), peer=CLIENT)
+    client.start_data()
+    client.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+    assert client.reply().code == 452
+    assert [formatEvent(event) for event in rejects] == [
+        "TESTID: reject: END-OF-MESSAGE from unknown[192.0.2.7]: 452 4.3.1 Insufficient system"
+        " storage; from=<sender@example.org> to=<alice@example.test> proto=ESMTP"
+        " helo=<client.example.org>"
+    ]
+
+
+def test_protocol_errors_and_limits_are_not_logged_as_rejects(rejects):
+    client = our_session(settings=replace(SETTINGS, max_recipients=1))
+    assert client.command(b"MAIL FROM:<a@example.org>").code == 503
+    client.command(EHLO)
+    assert client.command(b"MAIL FROM:<a@example.org> SIZE=%d" % (2 << 20)).code == 552
+    assert client.command(b"MAIL FROM:<a@example.org>").code == 250
+    assert client.command(b"DATA").code == 554
+    assert client.command("RCPT TO:<jörg@example.test>".encode()).code == 553
+    assert client.command(b"RCPT TO:<a@example.test>").code == 250
+    assert client.command(b"RCPT TO:<b@example.test>").code == 452
+    assert client.command(b"DATA extra").code == 501
+    assert client.command(b"FROB").code == 500
+    assert rejects == []
 
 
 # -- our server with the real realm, spool and committer ---------------------

@@ -47,6 +47,7 @@ from twisted_mta.smtp.data import (
     TOO_MANY_HOPS,
     DataDecoder,
 )
+from twisted_mta.smtp.logline import Stage, log_reject
 from twisted_mta.smtp.modes import AUTH, CLOSED, COMMAND, DATA
 from twisted_mta.smtp.policy import ITransactionDelivery, Session
 from twisted_mta.smtp.sasl import SaslMixin
@@ -55,14 +56,19 @@ MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, including the CRLF
 MAX_AUTH_LINE = 12288  # RFC 4954 4
 # Input kept while the session is stalled before we stop reading.
 _PAUSE_BUFFER = 64 * 1024
-_ENHANCED = re.compile(rb"^[245]\.\d{1,3}\.\d{1,3} ")
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3} ")
 # NUL and other controls have no place in a command; HT is tolerated.
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _LOCAL_ERROR = (451, "4.3.0", "Error: local error in processing")
+_MESSAGE_FAULTS = {
+    BARE_LINE_ENDING: (554, "5.6.0", "Error: bare CR or LF in message; message refused"),
+    LINE_TOO_LONG: (554, "5.6.0", "Error: line longer than 998 characters; message refused"),
+    TOO_BIG: (552, "5.3.4", "Error: message exceeds fixed maximum message size"),
+    TOO_MANY_HOPS: (554, "5.4.6", "Error: too many hops (mail loop?); message refused"),
+}
 # How long a closing connection may wait for the client to take our last
 # reply and, on TLS, to answer close_notify, before it is cut.
 CLOSE_GRACE = 1.0
-
 
 
 @dataclass(frozen=True)
@@ -234,7 +240,9 @@ class MTAServer(SaslMixin, smtp.ESMTP):
             self._say_shutting_down()
             return
         if not self.limits.acquire(ip):
-            self.reply(421, "4.7.0", f"{self.settings.hostname} Too many connections, try later")
+            self._refuse(
+                "CONNECT", (421, "4.7.0", f"{self.settings.hostname} Too many connections, try later")
+            )
             self._close()
             return
         self._counted = True
@@ -336,25 +344,37 @@ class MTAServer(SaslMixin, smtp.ESMTP):
             self.sendCode(421, b"4.7.0 Too many errors, closing connection")
             self._close()
 
-    def _reply_failure(self, failure: Failure, fallback: tuple[int, str, str]) -> None:
-        """Answer an exception from a validator or a message.
+    def _refuse(self, stage: Stage, reply: tuple[int, str, str], **envelope: str | None) -> None:
+        """Answer a refused connection, command or message, and log it.
+
+        ``envelope``: the sender, recipient and queue id known so far.
+        """
+        self.reply(*reply)
+        log_reject(self.session, stage, *reply, **envelope)
+
+    def _refuse_failure(self, failure: Failure, stage: Stage, **envelope: str | None) -> None:
+        self._refuse(stage, self._failure_reply(failure), **envelope)
+
+    def _reply_failure(self, failure: Failure) -> None:
+        self.reply(*self._failure_reply(failure))
+
+    def _failure_reply(self, failure: Failure) -> tuple[int, str, str]:
+        """The reply to an exception from a validator or a message.
 
         Twisted wants a str ``resp`` from validators and bytes from messages
         and hangs the client otherwise (S11); we take either.
         """
         error = failure.value
-        if isinstance(error, smtp.SMTPServerError):
-            resp = error.resp
-            if isinstance(resp, str):
-                resp = resp.encode("utf-8", "replace")
-            if not _ENHANCED.match(resp):
-                resp = f"{error.code // 100}.0.0 ".encode() + resp
-            self.sendCode(error.code, resp)
-            if error.code >= 500:
-                self._count_error()
-            return
-        log.err(failure, "unexpected error in SMTP session")
-        self.reply(*fallback)
+        if not isinstance(error, smtp.SMTPServerError):
+            log.err(failure, "unexpected error in SMTP session")
+            return _LOCAL_ERROR
+        resp = error.resp
+        if isinstance(resp, bytes):
+            resp = resp.decode("utf-8", "replace")
+        if not _ENHANCED.match(resp):
+            return error.code, f"{error.code // 100}.0.0", resp
+        enhanced, _, text = resp.partition(" ")
+        return error.code, enhanced, text
 
     # -- input ----------------------------------------------------------
 
@@ -474,10 +494,10 @@ class MTAServer(SaslMixin, smtp.ESMTP):
         try:
             result = method(argument)
         except Exception:
-            self._reply_failure(Failure(), _LOCAL_ERROR)
+            self._reply_failure(Failure())
             return
         if isinstance(result, defer.Deferred):
-            result.addErrback(self._reply_failure, _LOCAL_ERROR)
+            result.addErrback(self._reply_failure)
             self._wait_for(result)
 
     def _wait_for(self, d: defer.Deferred) -> None:
@@ -549,13 +569,14 @@ class MTAServer(SaslMixin, smtp.ESMTP):
         if self._mail is not None:
             return self.reply(503, "5.5.1", "Error: nested MAIL command")
         if self.settings.require_auth and not self.authenticated:
-            return self.reply(530, "5.7.0", "Authentication required")
+            return self._refuse("MAIL", (530, "5.7.0", "Authentication required"))
         try:
             command = parse_mail(rest, max_size=self.settings.max_message_size)
         except PathError as error:
             return self.reply(error.code, error.enhanced, error.text)
         d = defer.maybeDeferred(self.validateFrom, self._helo, command.sender)
         d.addCallback(self._sender_accepted, command)
+        d.addErrback(self._refuse_failure, "MAIL", sender=str(command.sender))
         return d
 
     def _sender_accepted(self, sender, command) -> None:
@@ -596,6 +617,9 @@ class MTAServer(SaslMixin, smtp.ESMTP):
         user = RcptUser(command.recipient, self._helo, self, self._from)
         d = defer.maybeDeferred(self.validateTo, user)
         d.addCallback(self._recipient_accepted, user)
+        d.addErrback(
+            self._refuse_failure, "RCPT", sender=str(self._from), recipient=str(command.recipient)
+        )
         return d
 
     def _recipient_accepted(self, factory: Callable, user: RcptUser) -> None:
@@ -612,7 +636,7 @@ class MTAServer(SaslMixin, smtp.ESMTP):
         try:
             self._message = self._open_message()
         except Exception:
-            return self._reply_failure(Failure(), _LOCAL_ERROR)
+            return self._refuse_failure(Failure(), "DATA", **self._envelope())
         self._decoder = DataDecoder(
             self._write_body, self.settings.max_message_size, self.settings.max_hops
         )
@@ -653,26 +677,26 @@ class MTAServer(SaslMixin, smtp.ESMTP):
         self._decoder = self._message = self._write_failure = None
         if decoder.fault is not None or failure is not None:
             message.connectionLost()
-            self._refuse_message(decoder.fault, failure)
+            if decoder.fault is not None:
+                self._refuse_message(_MESSAGE_FAULTS[decoder.fault])
+            else:
+                self._refuse_message(self._failure_reply(failure))
             self._reset_transaction()
             return
         d = defer.maybeDeferred(message.eomReceived)
         d.addCallback(self._message_stored, decoder.size)
-        d.addErrback(self._reply_failure, _LOCAL_ERROR)
+        d.addErrback(lambda failure: self._refuse_message(self._failure_reply(failure)))
         d.addBoth(lambda _: self._reset_transaction())
         self._wait_for(d)
 
-    def _refuse_message(self, fault: str | None, failure: Failure | None) -> None:
-        if fault == BARE_LINE_ENDING:
-            self.reply(554, "5.6.0", "Error: bare CR or LF in message; message refused")
-        elif fault == LINE_TOO_LONG:
-            self.reply(554, "5.6.0", "Error: line longer than 998 characters; message refused")
-        elif fault == TOO_BIG:
-            self.reply(552, "5.3.4", "Error: message exceeds fixed maximum message size")
-        elif fault == TOO_MANY_HOPS:
-            self.reply(554, "5.4.6", "Error: too many hops (mail loop?); message refused")
-        else:
-            self._reply_failure(failure, _LOCAL_ERROR)
+    def _refuse_message(self, reply: tuple[int, str, str]) -> None:
+        queue_id = getattr(self.delivery, "queue_id", None)
+        self._refuse("END-OF-MESSAGE", reply, queue_id=queue_id, **self._envelope())
+
+    def _envelope(self) -> dict[str, str | None]:
+        """The sender and the first recipient, as Postfix logs them after RCPT."""
+        first = str(self._to[0][0].dest) if self._to else None
+        return {"sender": str(self._from), "recipient": first}
 
     def _message_stored(self, _result, size: int) -> None:
         queue_id = getattr(self.delivery, "queue_id", None) or "-"
