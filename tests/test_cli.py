@@ -6,6 +6,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from twisted_mta.auth.passwords import hash_password
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -42,6 +44,39 @@ def test_check_config_refuses_a_haproxy_endpoint(tmp_path):
     assert result.returncode == 1
     [line] = result.stderr.splitlines()
     assert "listen.smtp" in line and "use [proxy] listeners" in line
+
+
+USERS = (
+    "alice@example.test:{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA\n"
+    "bob@example.test:{BLF-CRYPT}$2y$05$abcdefghijklmnopqrstuu5s2v8.iXieOjg/.AySBTTZIIVFJeBui\n"
+    "# carol@example.test:{ARGON2ID}commented out\n"
+    "carol@example.test:" + hash_password("cram-md5", "carol-pw") + "\n"
+    "dave@example.test:{PLAIN}dave-pw\n"
+    "erin@example.test:{SHA512-CRYPT}$6$salt$hash\n"
+)
+
+
+def check_users(tmp_path, mechanisms):
+    (tmp_path / "users").write_text(USERS)
+    config = tmp_path / "mta.toml"
+    config.write_text(f'[users]\nfile = "users"\n[auth]\nmechanisms = {mechanisms}\n')
+    return run("twisted-mta", "check-config", "--config", str(config))
+
+
+def test_check_config_names_the_accounts_cram_md5_cannot_serve(tmp_path):
+    result = check_users(tmp_path, '["PLAIN", "LOGIN", "CRAM-MD5"]')
+    assert result.returncode == 0
+    assert tomllib.loads(result.stdout)["auth"]["mechanisms"] == ["PLAIN", "LOGIN", "CRAM-MD5"]
+    [line] = result.stderr.splitlines()
+    assert line.startswith("twisted-mta: warning: ") and str(tmp_path / "users") in line
+    assert line.endswith(": alice@example.test, bob@example.test, erin@example.test")
+
+
+def test_check_config_warns_of_nothing_without_cram_md5(tmp_path):
+    result = check_users(tmp_path, '["PLAIN", "LOGIN"]')
+    assert result.returncode == 0
+    assert tomllib.loads(result.stdout)["auth"]["mechanisms"] == ["PLAIN", "LOGIN"]
+    assert result.stderr == ""
 
 
 def test_twistd_refuses_bad_config_without_binding(tmp_path):

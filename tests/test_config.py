@@ -132,7 +132,7 @@ def test_embedded_defaults(
     assert config.domains.recipient_delimiter == "+"
     assert config.users.file is None
     assert config.aliases.file is None
-    assert config.auth.mechanisms == ("PLAIN", "LOGIN", "CRAM-MD5")
+    assert config.auth.mechanisms == ("PLAIN", "LOGIN")
     assert config.auth.require_tls is True
     assert config.auth.received_user is False
 

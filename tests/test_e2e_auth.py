@@ -22,6 +22,7 @@ PASSWORDS = {
 ALIASES = "team@example.test: alice@example.test, bob@example.test\n"
 EXTRA = """
 [auth]
+mechanisms = ["PLAIN", "LOGIN", "CRAM-MD5"]
 failure_delay = "0.05s"
 
 [relay]
@@ -29,13 +30,18 @@ networks = ["192.0.2.0/24"]
 """
 
 
-@pytest.fixture(scope="module")
-def mta(tmp_path_factory):
-    users = "".join(
+def users_file() -> str:
+    return "".join(
         f"{address}:{hash_password(scheme, password)}\n"
         for address, (scheme, password) in PASSWORDS.items()
     )
-    daemon = make_daemon(tmp_path_factory.mktemp("auth"), users=users, aliases=ALIASES, extra=EXTRA)
+
+
+@pytest.fixture(scope="module")
+def mta(tmp_path_factory):
+    daemon = make_daemon(
+        tmp_path_factory.mktemp("auth"), users=users_file(), aliases=ALIASES, extra=EXTRA
+    )
     daemon.start()
     yield daemon
     daemon.stop()
@@ -61,6 +67,25 @@ def test_auth_not_offered_before_tls_but_after(mta):
         client.starttls(context=insecure_context())
         client.ehlo("client.example.org")
         assert auth_line(client).split() == ["PLAIN", "LOGIN", "CRAM-MD5"]
+
+
+def test_cram_md5_is_offered_only_when_configured(tmp_path):
+    default_mechanisms = EXTRA.replace('mechanisms = ["PLAIN", "LOGIN", "CRAM-MD5"]\n', "")
+    daemon = make_daemon(tmp_path / "mta", users=users_file(), extra=default_mechanisms)
+    daemon.start()
+    try:
+        with submission(daemon) as client:
+            assert auth_line(client).split() == ["PLAIN", "LOGIN"]
+            assert client.login("alice@example.test", "alice-pw")[0] == 235
+    finally:
+        daemon.stop()
+    assert not [line for line in daemon.log if "CRAM-MD5" in line]
+
+
+def test_start_warns_of_accounts_cram_md5_cannot_serve(mta):
+    line = mta.wait_for_log(r"warning: .*CRAM-MD5")
+    assert line.endswith(": alice@example.test, bob@example.test")
+    assert str(mta.root / "users") in line
 
 
 def test_auth_offered_at_once_on_submissions(mta):

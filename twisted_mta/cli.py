@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from twisted_mta.auth.checker import cram_md5_warning
 from twisted_mta.auth.passwords import SCHEMES, hash_password
 from twisted_mta.auth.usersfile import set_password_line
 from twisted_mta.config import Config, ConfigError, dump_config, load_config
@@ -28,7 +29,11 @@ def _config(args: argparse.Namespace, check_files: bool = True) -> Config:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    sys.stdout.write(dump_config(_config(args)))
+    config = _config(args)
+    sys.stdout.write(dump_config(config))
+    warning = cram_md5_warning(config.auth.mechanisms, config.users.file)
+    if warning:
+        print(f"twisted-mta: {warning}", file=sys.stderr)
     return 0
 
 

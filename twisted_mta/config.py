@@ -241,7 +241,8 @@ _DEFAULTS: dict[str, Any] = {
     "users": {"file": ""},
     "aliases": {"file": ""},
     "auth": {
-        "mechanisms": list(MECHANISMS),
+        # CRAM-MD5 only works for accounts stored as {CRAM-MD5} or {PLAIN}.
+        "mechanisms": ["PLAIN", "LOGIN"],
         "require_tls": True,
         "received_user": False,
         "failure_delay": "1s",

@@ -27,7 +27,7 @@ from twisted.internet.error import CannotListenError
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import log
 
-from twisted_mta.auth.checker import FirstMatch, UsersFileChecker
+from twisted_mta.auth.checker import FirstMatch, UsersFileChecker, cram_md5_warning
 from twisted_mta.auth.mechanisms import challengers
 from twisted_mta.auth.throttle import AuthThrottle
 from twisted_mta.config import Config, ConfigError, load_config
@@ -187,6 +187,9 @@ class MTAService(service.MultiService):
             self._use_certificate(_load_certificate(config))
         except TLSError as error:
             raise SystemExit(f"twistd mta: {error}") from None
+        warning = cram_md5_warning(config.auth.mechanisms, config.users.file)
+        if warning:
+            log.msg(warning)
         super().startService()
         self._certificate_poll.start(CERTIFICATE_POLL, now=False)
         reactor.callWhenRunning(self._running)

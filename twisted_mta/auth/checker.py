@@ -10,7 +10,7 @@ argon2 work as a known one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -49,12 +49,14 @@ class UsersFileChecker:
 
     def _stored(self, login: str) -> StoredPassword | None:
         field = self._users().get(login)
-        if field is None:
-            return None
-        try:
-            return StoredPassword.parse(field)
-        except UnknownScheme:
-            return None
+        return None if field is None else _parse(field)
+
+
+def _parse(field: str) -> StoredPassword | None:
+    try:
+        return StoredPassword.parse(field)
+    except UnknownScheme:
+        return None
 
 
 def _text(value: bytes | str) -> str:
@@ -129,3 +131,26 @@ class _TextCredentials:
 def users_file_checker(path: str) -> UsersFileChecker:
     """A checker on its own watched copy of the users file at ``path``."""
     return UsersFileChecker(Directory(frozenset(), users_file=Path(path)).users)
+
+
+def cram_md5_warning(mechanisms: Sequence[str], users_file: Path | None) -> str | None:
+    """A warning naming the accounts CRAM-MD5 is offered to but cannot check.
+
+    CRAM-MD5 needs the password or Dovecot's HMAC context; an account whose
+    client picks CRAM-MD5 on its own otherwise fails every login.
+    """
+    if "CRAM-MD5" not in mechanisms or users_file is None:
+        return None
+    users = Directory(frozenset(), users_file=users_file).users()
+    unusable = sorted(
+        address
+        for address, field in users.items()
+        if (stored := _parse(field)) is None or stored.cram_context() is None
+    )
+    if not unusable:
+        return None
+    return (
+        f"warning: [auth] mechanisms offers CRAM-MD5, but these accounts of {users_file}"
+        " are stored neither as {CRAM-MD5} nor as {PLAIN} and cannot log in with it: "
+        + ", ".join(unusable)
+    )
