@@ -6,6 +6,9 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+from capture import TestCA
+
 from twisted_mta.auth.passwords import hash_password
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,3 +102,53 @@ def test_plugin_found_from_any_directory(tmp_path):
     """The editable install keeps twisted/plugins/ visible to twistd."""
     result = run("twistd", "--help", cwd=tmp_path)
     assert re.search(r"^\s+mta\s+An ESMTP mail transfer agent", result.stdout, re.M)
+
+
+@pytest.fixture
+def ca(tmp_path):
+    return TestCA(tmp_path / "tls")
+
+
+def tls_config(tmp_path, certificate, key):
+    config = tmp_path / "mta.toml"
+    config.write_text(
+        'hostname = "mx.example.test"\n[listen]\nsmtp = ["tcp:0:interface=127.0.0.1"]\n'
+        'submission = []\nsubmissions = []\n'
+        f'[tls]\ncertificate = "{certificate}"\nprivate_key = "{key}"\n'
+    )
+    return config
+
+
+def test_check_config_accepts_a_chain_and_its_key(tmp_path, ca):
+    pair = ca.issue("mx.example.test")
+    chain = tmp_path / "fullchain.pem"
+    chain.write_bytes(pair.certificate.read_bytes() + ca.path.read_bytes())
+    result = run("twisted-mta", "check-config", "--config", str(tls_config(tmp_path, chain, pair.key)))
+    assert result.returncode == 0, result.stderr
+    assert tomllib.loads(result.stdout)["tls"]["certificate"] == str(chain)
+
+
+def test_check_config_and_twistd_refuse_a_key_of_another_certificate(tmp_path, ca):
+    certificate, key = ca.issue("mx.example.test").certificate, ca.issue("other.example.test").key
+    config = tls_config(tmp_path, certificate, key)
+    result = run("twisted-mta", "check-config", "--config", str(config))
+    assert (result.returncode, result.stdout) == (1, "")
+    [line] = result.stderr.splitlines()
+    assert str(certificate) in line and str(key) in line
+    daemon = run("twistd", "-n", "--pidfile=", "mta", "--config", str(config), cwd=tmp_path)
+    assert daemon.returncode != 0
+    output = daemon.stdout + daemon.stderr
+    assert line.removeprefix("twisted-mta: ") in output
+    assert "Traceback" not in output and "listening:" not in output
+
+
+@pytest.mark.parametrize("broken", ["certificate", "key"])
+def test_check_config_refuses_garbage_pem_in_one_line(tmp_path, ca, broken):
+    pair = ca.issue("mx.example.test")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n")
+    certificate, key = (garbage, pair.key) if broken == "certificate" else (pair.certificate, garbage)
+    result = run("twisted-mta", "check-config", "--config", str(tls_config(tmp_path, certificate, key)))
+    assert (result.returncode, result.stdout) == (1, "")
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"twisted-mta: {garbage}: cannot load ")

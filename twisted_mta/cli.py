@@ -15,6 +15,7 @@ from twisted_mta.auth.usersfile import set_password_line
 from twisted_mta.config import Config, ConfigError, dump_config, load_config
 from twisted_mta.queue import control
 from twisted_mta.queue.store import CorruptMessage, QueueStore, UnknownMessage
+from twisted_mta.tls import TLSError, load_pair
 
 
 class CommandError(Exception):
@@ -30,11 +31,26 @@ def _config(args: argparse.Namespace, check_files: bool = True) -> Config:
 
 def _check_config(args: argparse.Namespace) -> int:
     config = _config(args)
+    _check_tls_pair(config)
     sys.stdout.write(dump_config(config))
     warning = cram_md5_warning(config.auth.mechanisms, config.users.file)
     if warning:
         print(f"twisted-mta: {warning}", file=sys.stderr)
     return 0
+
+
+def _check_tls_pair(config: Config) -> None:
+    """Load the configured certificate and key as the daemon will.
+
+    Without them the daemon makes a self-signed pair at its start.
+    """
+    tls = config.tls
+    if tls.certificate is None or tls.private_key is None:
+        return
+    try:
+        load_pair(tls.certificate, tls.private_key)
+    except TLSError as error:
+        raise CommandError(str(error)) from None
 
 
 def _passwd(args: argparse.Namespace) -> int:

@@ -4,7 +4,9 @@ TLS 1.2 is the floor (RFC 8314 and current practice); ciphers are
 Twisted's defaults, which allow only forward-secret AEAD suites.  The
 listeners hold a :class:`ServerTLS`, whose certificate can be replaced
 while they run (a reload, a renewal on disk): connections made after the
-change get the new one, open ones keep theirs.
+change get the new one, open ones keep theirs.  A certificate and key are
+checked when loaded, so that a pair that does not belong together stops
+the start (or is kept out by a reload) instead of failing every STARTTLS.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from twisted_mta.files import write_atomically
 
 
 class TLSError(Exception):
-    """The certificate or key cannot be used; one line, naming the file."""
+    """The certificate or key cannot be used; one line, naming the files."""
 
 
 Stamp = tuple[tuple[int, int, int] | None, ...]
@@ -88,21 +90,42 @@ def server_context(
     """Options for STARTTLS and implicit TLS listeners."""
     if certificate is None or private_key is None:
         certificate, private_key = self_signed(tls_dir, hostname)
+    return load_pair(certificate, private_key)
+
+
+def load_pair(certificate: Path, private_key: Path) -> CertificateOptions:
+    """Options serving the PEM chain ``certificate`` with ``private_key``.
+
+    Raises TLSError, naming the files, for a file that cannot be read or
+    parsed, a key that does not match the first certificate of the chain,
+    or a pair OpenSSL will not use.
+    """
     chain = _load_chain(certificate)
     key = _load_key(private_key)
-    return CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),
-        certificate=crypto.X509.from_cryptography(chain[0]),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
-        raiseMinimumTo=TLSVersion.TLSv1_2,
-    )
+    if _public_der(chain[0].public_key()) != _public_der(key.public_key()):
+        raise TLSError(
+            f"{private_key} is not the private key of the certificate {certificate}"
+        )
+    try:
+        options = CertificateOptions(
+            privateKey=crypto.PKey.from_cryptography_key(key),
+            certificate=crypto.X509.from_cryptography(chain[0]),
+            extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
+            raiseMinimumTo=TLSVersion.TLSv1_2,
+        )
+        options.getContext()
+    except (SSL.Error, TypeError, ValueError) as error:
+        raise TLSError(
+            f"{certificate} with {private_key}: OpenSSL refuses them: {_one_line(error)}"
+        ) from None
+    return options
 
 
 def _load_chain(path: Path) -> list[x509.Certificate]:
     try:
         chain = x509.load_pem_x509_certificates(path.read_bytes())
     except (OSError, ValueError) as error:
-        raise TLSError(f"{path}: cannot load certificate: {error}") from None
+        raise TLSError(f"{path}: cannot load certificate: {_one_line(error)}") from None
     return chain
 
 
@@ -110,7 +133,22 @@ def _load_key(path: Path):
     try:
         return serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as error:
-        raise TLSError(f"{path}: cannot load private key: {error}") from None
+        raise TLSError(f"{path}: cannot load private key: {_one_line(error)}") from None
+
+
+def _public_der(public_key) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _one_line(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    if isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list):
+        # pyOpenSSL's (library, function, reason) tuples; the reasons say it.
+        return "; ".join(reason for *_, reason in error.args[0])
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def self_signed(tls_dir: Path, hostname: str) -> tuple[Path, Path]:
