@@ -97,6 +97,23 @@ def test_a_renewed_certificate_is_served_without_a_signal(start_mta, tmp_path):
     assert served_certificate(daemon) == second
 
 
+def test_a_renewal_half_done_keeps_the_old_certificate_until_the_pair_matches(start_mta, tmp_path):
+    live = tmp_path / "tls"
+    live.mkdir()
+    first = make_certificate(live, "old.example.test")
+    daemon = start_mta(users=USERS, extra=tls_section(live))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    second = make_certificate(staging, "new.example.test")
+    os.rename(staging / "cert.pem", live / "cert.pem")  # the key comes later
+    daemon.wait_for_log(r"tls: .*key\.pem is not the private key of the certificate", timeout=10)
+    assert served_certificate(daemon) == first
+    os.rename(staging / "key.pem", live / "key.pem")
+    daemon.wait_for_log(r"tls: certificate reloaded from .*cert\.pem", timeout=10)
+    assert served_certificate(daemon) == second
+    assert len([line for line in daemon.log if "is not the private key" in line]) == 1
+
+
 # -- SIGTERM -------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from twisted_mta.auth.usersfile import set_password_line
 from twisted_mta.config import Config, ConfigError, dump_config, load_config
 from twisted_mta.queue import control
 from twisted_mta.queue.store import CorruptMessage, QueueStore, UnknownMessage
-from twisted_mta.tls import TLSError, load_pair
+from twisted_mta.tls import TLSError, check_configured_pair
 
 
 class CommandError(Exception):
@@ -40,15 +40,8 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _check_tls_pair(config: Config) -> None:
-    """Load the configured certificate and key as the daemon will.
-
-    Without them the daemon makes a self-signed pair at its start.
-    """
-    tls = config.tls
-    if tls.certificate is None or tls.private_key is None:
-        return
     try:
-        load_pair(tls.certificate, tls.private_key)
+        check_configured_pair(config.tls.certificate, config.tls.private_key)
     except TLSError as error:
         raise CommandError(str(error)) from None
 

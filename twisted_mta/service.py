@@ -187,9 +187,7 @@ class MTAService(service.MultiService):
             self._use_certificate(_load_certificate(config))
         except TLSError as error:
             raise SystemExit(f"twistd mta: {error}") from None
-        warning = cram_md5_warning(config.auth.mechanisms, config.users.file)
-        if warning:
-            log.msg(warning)
+        _warn_about_cram_md5(config)
         super().startService()
         self._certificate_poll.start(CERTIFICATE_POLL, now=False)
         reactor.callWhenRunning(self._running)
@@ -235,6 +233,7 @@ class MTAService(service.MultiService):
             return
         self._apply(config)
         self._use_certificate(certificate)
+        _warn_about_cram_md5(config)
         unchanged = [name for name in _RESTART_ONLY if _differs(self.config, config, name)]
         self.config = config
         note = f" ({', '.join(unchanged)}: at the next restart)" if unchanged else ""
@@ -311,6 +310,12 @@ def _recheck(config: Config) -> Config:
         return load_config(config.source, {})
     except ConfigError as error:
         raise SystemExit(f"twistd mta: {error}") from None
+
+
+def _warn_about_cram_md5(config: Config) -> None:
+    warning = cram_md5_warning(config.auth.mechanisms, config.users.file)
+    if warning:
+        log.msg(warning)
 
 
 def _load_certificate(config: Config) -> Certificate:

@@ -9,6 +9,7 @@ from twisted.python import usage
 
 from twisted_mta.config import ConfigError, load_config
 from twisted_mta.service import build_service
+from twisted_mta.tls import TLSError, check_configured_pair
 
 
 class Options(usage.Options, strcred.AuthOptionMixin):
@@ -26,10 +27,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     ]
 
     def postOptions(self) -> None:
+        """Refuse a config, or a certificate and key, before any port is bound."""
         try:
-            self["mta_config"] = load_config(self["config"], os.environ)
-        except ConfigError as error:
+            config = load_config(self["config"], os.environ)
+            check_configured_pair(config.tls.certificate, config.tls.private_key)
+        except (ConfigError, TLSError) as error:
             raise SystemExit(f"twistd mta: {error}") from None
+        self["mta_config"] = config
 
 
 def makeService(options: Options):

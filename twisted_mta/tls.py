@@ -93,6 +93,16 @@ def server_context(
     return load_pair(certificate, private_key)
 
 
+def check_configured_pair(certificate: Path | None, private_key: Path | None) -> None:
+    """Load a configured pair to refuse it before anything starts.
+
+    Without one there is nothing to check: the self-signed pair is made at
+    the start.  Raises TLSError.
+    """
+    if certificate is not None and private_key is not None:
+        load_pair(certificate, private_key)
+
+
 def load_pair(certificate: Path, private_key: Path) -> CertificateOptions:
     """Options serving the PEM chain ``certificate`` with ``private_key``.
 
