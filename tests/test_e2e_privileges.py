@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import Daemon, insecure_context
+from daemon import Daemon, base_config, insecure_context, with_loopback_resolver
 
 USER = "twisted-mta-test"
 TWISTED_MTA = str(Path(sys.executable).with_name("twisted-mta"))
@@ -75,24 +75,8 @@ def site(account, tmp_path_factory):
     root = Path(tempfile.mkdtemp(prefix="mta-privileges-"))
     root.chmod(0o755)
     port = privileged_free_port()
-    (root / "mta.toml").write_text(
-        f"""
-hostname = "mx.example.test"
-spool = "var"
-[listen]
-smtp = ["tcp:{port}:interface=127.0.0.1"]
-submission = ["tcp:0:interface=127.0.0.1"]
-submissions = ["tcp:0:interface=127.0.0.1"]
-[domains]
-local = ["example.test"]
-[users]
-file = "users"
-[aliases]
-file = "aliases"
-[relay]
-resolvers = ["127.0.0.1:9"]
-"""
-    )
+    config = base_config(root, extra=with_loopback_resolver(""))
+    (root / "mta.toml").write_text(config.replace('smtp = ["tcp:0:', f'smtp = ["tcp:{port}:'))
     (root / "aliases").write_text("info: alice@example.test\n")
     (root / "var").mkdir(mode=0o700)
     os.chown(root / "var", account.pw_uid, account.pw_gid)

@@ -7,11 +7,12 @@ import signal
 import smtplib
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 import pytest
 
-from daemon import insecure_context, queue_id
+from daemon import Daemon, queue_id
 from test_e2e_tls import make_certificate, peer_certificate
 
 USERS = "alice@example.test:{PLAIN}alice-secret\n"
@@ -82,35 +83,47 @@ def test_sighup_reloads_the_certificate(start_mta, tmp_path):
     assert served_certificate(daemon) == second
 
 
-def test_a_renewed_certificate_is_served_without_a_signal(start_mta, tmp_path):
-    live = tmp_path / "tls"
+@dataclass
+class Renewal:
+    """A daemon serving ``first`` from ``live``; ``second`` waits in ``staging``."""
+
+    daemon: Daemon
+    live: Path
+    staging: Path
+    first: object
+    second: object
+
+    def move(self, name: str) -> None:
+        os.rename(self.staging / name, self.live / name)
+
+
+@pytest.fixture
+def renewal(start_mta, tmp_path) -> Renewal:
+    live, staging = tmp_path / "tls", tmp_path / "staging"
     live.mkdir()
+    staging.mkdir()
     first = make_certificate(live, "old.example.test")
     daemon = start_mta(users=USERS, extra=tls_section(live))
     assert served_certificate(daemon) == first
-    staging = tmp_path / "staging"
-    staging.mkdir()
     second = make_certificate(staging, "new.example.test")
-    os.rename(staging / "key.pem", live / "key.pem")
-    os.rename(staging / "cert.pem", live / "cert.pem")
-    daemon.wait_for_log(r"tls: certificate reloaded from .*cert\.pem", timeout=10)
-    assert served_certificate(daemon) == second
+    return Renewal(daemon, live, staging, first, second)
 
 
-def test_a_renewal_half_done_keeps_the_old_certificate_until_the_pair_matches(start_mta, tmp_path):
-    live = tmp_path / "tls"
-    live.mkdir()
-    first = make_certificate(live, "old.example.test")
-    daemon = start_mta(users=USERS, extra=tls_section(live))
-    staging = tmp_path / "staging"
-    staging.mkdir()
-    second = make_certificate(staging, "new.example.test")
-    os.rename(staging / "cert.pem", live / "cert.pem")  # the key comes later
+def test_a_renewed_certificate_is_served_without_a_signal(renewal):
+    renewal.move("key.pem")
+    renewal.move("cert.pem")
+    renewal.daemon.wait_for_log(r"tls: certificate reloaded from .*cert\.pem", timeout=10)
+    assert served_certificate(renewal.daemon) == renewal.second
+
+
+def test_a_renewal_half_done_keeps_the_old_certificate_until_the_pair_matches(renewal):
+    daemon = renewal.daemon
+    renewal.move("cert.pem")  # the key comes later
     daemon.wait_for_log(r"tls: .*key\.pem is not the private key of the certificate", timeout=10)
-    assert served_certificate(daemon) == first
-    os.rename(staging / "key.pem", live / "key.pem")
+    assert served_certificate(daemon) == renewal.first
+    renewal.move("key.pem")
     daemon.wait_for_log(r"tls: certificate reloaded from .*cert\.pem", timeout=10)
-    assert served_certificate(daemon) == second
+    assert served_certificate(daemon) == renewal.second
     assert len([line for line in daemon.log if "is not the private key" in line]) == 1
 
 
