@@ -23,6 +23,7 @@ from twisted.cred.checkers import AllowAnonymousAccess, InMemoryUsernamePassword
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
 from twisted.logger import eventAsJSON, eventFromJSON, formatEvent, globalLogPublisher
@@ -30,6 +31,7 @@ from twisted.mail import smtp
 from twisted.mail._cred import PLAINCredentials
 from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
 from twisted.mail.protocols import DomainDeliveryBase
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_mta.delivery.directory import Directory
@@ -37,7 +39,13 @@ from twisted_mta.queue.committer import Committer
 from twisted_mta.queue.spool import Spool
 from twisted_mta.smtp import logline
 from twisted_mta.smtp.policy import ITransactionDelivery, MailRealm, MailSystem
-from twisted_mta.smtp.server import CLOSE_GRACE, ConnectionLimits, MTAServer, ServerSettings
+from twisted_mta.smtp.server import (
+    CLOSE_GRACE,
+    ConnectionLimits,
+    MTAServer,
+    ServerSettings,
+    Sessions,
+)
 from replies import Reply
 
 HOSTNAME = "mx.example.test"
@@ -475,9 +483,11 @@ def test_s11_message_errors_with_a_str_text_are_answered(connect):
 # -- our server alone -------------------------------------------------------
 
 
-def our_session(delivery=None, settings: ServerSettings = SETTINGS, limits=None, peer=None):
+def our_session(
+    delivery=None, settings: ServerSettings = SETTINGS, limits=None, peer=None, sessions=None
+):
     delivery = delivery or RecordingDelivery()
-    server = MTAServer(settings, limits or ConnectionLimits(100, 100))
+    server = MTAServer(settings, limits or ConnectionLimits(100, 100), sessions=sessions)
     server.portal = recording_portal(delivery)
     return open_session(server, delivery, StringTransport(peerAddress=peer))
 
@@ -550,6 +560,65 @@ def test_a_closing_connection_is_cut_after_a_grace_period():
     assert client.transport.disconnecting and not client.transport.disconnected
     client.clock.advance(CLOSE_GRACE)
     assert client.transport.disconnected
+
+
+SHUTTING_DOWN = (421, b"4.3.2 mx.example.test Service shutting down, closing connection")
+
+
+def drained(sessions: Sessions, clock: task.Clock, timeout: float = 30.0) -> list:
+    fired: list = []
+    sessions.drain(timeout, clock).addCallback(fired.append)
+    return fired
+
+
+def lose(client: Client) -> None:
+    """What the reactor does once the transport has closed."""
+    client.server.connectionLost(Failure(ConnectionDone()))
+
+
+def test_a_drain_tells_an_idle_session_421_at_once_and_fires_when_it_is_gone():
+    sessions = Sessions()
+    client = our_session(sessions=sessions)
+    client.command(EHLO)
+    fired = drained(sessions, client.clock)
+    assert [(r.code, r.text) for r in client.replies()] == [SHUTTING_DOWN]
+    assert client.transport.disconnecting and not fired
+    lose(client)
+    assert fired == [None]
+
+
+def test_a_drain_lets_a_message_in_data_finish_then_says_421():
+    sessions = Sessions()
+    client = our_session(sessions=sessions)
+    client.start_data()
+    fired = drained(sessions, client.clock)
+    client.send(b"Subject: late\r\n\r\nbody\r\n")
+    assert client.replies() == [] and not client.transport.disconnecting
+    client.send(b".\r\n")
+    assert [r.code for r in client.replies()] == [250, 421]
+    assert len(client.delivery.messages) == 1
+    lose(client)
+    assert fired == [None]
+
+
+def test_a_drain_cuts_what_has_not_finished_by_its_deadline():
+    sessions = Sessions()
+    client = our_session(sessions=sessions)
+    client.start_data()
+    fired = drained(sessions, client.clock, timeout=5)
+    client.clock.advance(5)
+    assert client.transport.disconnected
+    lose(client)
+    assert fired == [None] and client.delivery.messages == []
+
+
+def test_a_connection_that_arrives_while_draining_is_told_421():
+    sessions = Sessions()
+    drained(sessions, task.Clock())
+    server = MTAServer(SETTINGS, ConnectionLimits(100, 100), sessions=sessions)
+    server.callLater = task.Clock().callLater
+    server.makeConnection(StringTransport())
+    assert server.transport.value() == b"421 4.3.2 mx.example.test Service shutting down, closing connection\r\n"
 
 
 def test_too_many_errors_close_the_connection():
