@@ -1,11 +1,13 @@
 """The queue scheduler with a fake clock and fake deliveries."""
 
+import errno
 import json
 
 from twisted.internet import defer, task
 
 from twisted_mta.queue.scheduler import Outcome, Policy, Scheduler
 from twisted_mta.queue.spool import Envelope
+from twisted_mta.queue import store as store_module
 from twisted_mta.queue.store import FAILED, SENT, QueueStore
 
 
@@ -158,3 +160,25 @@ def test_envelope_stays_valid_json_with_version(tmp_path):
     document = json.loads((tmp_path / "0000000000001AAAA.env").read_text())
     assert document["version"] == 1
     assert document["recipients"][0]["last_error"] == "451 reply"
+
+
+def test_results_that_cannot_be_written_keep_their_backoff_in_memory(tmp_path, monkeypatch):
+    queue(tmp_path, "0000000000001AAAA", ["a@one.test"])
+    h = Harness(tmp_path)
+    h.answers["a@one.test"] = "451"
+
+    def disk_full(path, data, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module, "write_atomically", disk_full)
+    h.start()
+    for expected_gap in (300, 600, 1200):
+        h.clock.advance(expected_gap - 1)
+        count = len(h.calls)
+        h.clock.advance(1)
+        assert len(h.calls) == count + 1
+    assert h.store.load("0000000000001AAAA").recipients[0].attempts == 0  # nothing on disk
+    monkeypatch.undo()  # room again: the next attempt writes them all
+    h.clock.advance(2400)
+    state = h.store.load("0000000000001AAAA").recipients[0]
+    assert (state.attempts, state.last_error) == (5, "451 reply")

@@ -87,6 +87,11 @@ def _queue(args: argparse.Namespace) -> int:
         raise CommandError(f"no message {args.id} in the queue") from None
     except CorruptMessage as error:
         raise CommandError(f"message {args.id}: unreadable envelope ({error})") from None
+    except OSError as error:
+        where = error.filename or "the queue"
+        raise CommandError(
+            f"queue {args.action}: cannot change {where}: {error.strerror or error}"
+        ) from None
 
 
 def _queue_action(args: argparse.Namespace, store: QueueStore) -> int:

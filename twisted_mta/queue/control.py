@@ -9,10 +9,10 @@ whole queue again; a stopped daemon does the same at its next start.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
+from twisted_mta.files import write_atomically
 from twisted_mta.queue.store import (
     FAILED,
     CorruptMessage,
@@ -27,9 +27,7 @@ ADMIN_BOUNCE_STATUS = "5.0.0"
 
 def request_rescan(queue_dir: Path) -> None:
     """Tell a running daemon to look at the queue again now."""
-    temporary = queue_dir / f"{FLUSH_FILE}.{os.getpid()}.tmp"
-    temporary.write_text(f"{time.time()}\n")
-    os.rename(temporary, queue_dir / FLUSH_FILE)
+    write_atomically(queue_dir / FLUSH_FILE, f"{time.time()}\n".encode(), 0o644)
 
 
 def flush(store: QueueStore) -> int:

@@ -19,6 +19,10 @@ sender in one DSN (never for the null sender) and the message leaves the
 queue.  ``delay_warning`` (0: off) sends one "delayed" DSN for a message
 still pending that long after arrival.  An envelope that cannot be read
 is moved to ``queue/corrupt/`` and stops nothing else.
+
+An attempt's results that cannot be written (a full disk) are kept in
+memory and laid over the envelope each time it is read, so the backoff
+holds; they are written with the message's next change.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.python import log
 
+from twisted_mta.queue.spool import StorageError
 from twisted_mta.queue.store import (
     FAILED,
     SENT,
@@ -70,6 +75,7 @@ class Policy:
         return min(self.retry_min * 2 ** max(attempts - 1, 0), self.retry_max)
 
 
+Change = Callable[[QueuedMessage], None]
 Deliver = Callable[[QueuedMessage, Sequence[RecipientState]], "defer.Deferred[Sequence[Outcome]]"]
 Report = Callable[[QueuedMessage, Sequence[RecipientState], str], "defer.Deferred[None]"]
 
@@ -94,6 +100,8 @@ class Scheduler(service.Service):
     _blocked: set[str] = field(default_factory=set)
     _running: Counter = field(default_factory=Counter)
     _total: int = 0
+    # Changes to envelopes not yet on disk (ENOSPC): id -> changes, in order.
+    _unwritten: dict[str, list[Change]] = field(default_factory=dict)
 
     def startService(self) -> None:
         super().startService()
@@ -115,14 +123,48 @@ class Scheduler(service.Service):
         self._wake()
 
     def _load(self, queue_id: str) -> QueuedMessage | None:
-        """The message, or None if it is gone or was unreadable (moved aside)."""
+        """The message as we know it, or None if it is gone or was
+        unreadable (moved aside)."""
         try:
-            return self.store.load(queue_id)
+            message = self.store.load(queue_id)
         except UnknownMessage:
+            self._unwritten.pop(queue_id, None)
             return None
         except CorruptMessage:
             self._quarantine(queue_id)
             return None
+        for change in self._unwritten.get(queue_id, ()):
+            change(message)
+        return message
+
+    def _change(self, queue_id: str, change: Change) -> QueuedMessage:
+        """Apply ``change`` to the envelope on disk, with any changes still
+        waiting to be written; if the disk refuses, keep them in memory.
+
+        Raises UnknownMessage if the message is gone.
+        """
+        changes = [*self._unwritten.get(queue_id, ()), change]
+
+        def apply_all(message: QueuedMessage) -> None:
+            for each in changes:
+                each(message)
+
+        try:
+            updated = self.store.update(queue_id, apply_all)
+        except UnknownMessage:
+            self._unwritten.pop(queue_id, None)
+            raise
+        except OSError as error:
+            self._unwritten[queue_id] = changes
+            log.msg(
+                f"id={queue_id} queue file not updated ({error.strerror or error}); "
+                "kept in memory until it can be"
+            )
+            updated = self.store.load(queue_id)
+            apply_all(updated)
+            return updated
+        self._unwritten.pop(queue_id, None)
+        return updated
 
     def enqueue(self, queue_id: str) -> None:
         """A new message was accepted: try it now."""
@@ -237,7 +279,7 @@ class Scheduler(service.Service):
                     _apply(state, outcome, now, expired, self.policy)
 
         try:
-            updated = self.store.update(message.id, change)
+            updated = self._change(message.id, change)
         except UnknownMessage:
             log.msg(f"id={message.id} removed from the queue during a delivery attempt")
             return
@@ -267,15 +309,25 @@ class Scheduler(service.Service):
             d = defer.maybeDeferred(self.report, message, failed, "failed")
         else:
             d = defer.succeed(None)
-        d.addCallback(lambda _: self.store.remove(message.id))
+        d.addCallback(lambda _: self._remove(message.id))
         d.addErrback(self._not_finished, message.id)
         d.addBoth(lambda _: self._finishing.discard(message.id))
+
+    def _remove(self, queue_id: str) -> None:
+        self.store.remove(queue_id)
+        self._unwritten.pop(queue_id, None)
 
     def _not_finished(self, failure, queue_id: str) -> None:
         """The report or the removal failed: try again later."""
         if failure.check(UnknownMessage):
             return  # deleted meanwhile (``twisted-mta queue delete``)
-        log.err(failure, f"id={queue_id} could not be finished; trying again later")
+        if failure.check(OSError, StorageError):
+            log.msg(
+                f"id={queue_id} could not be finished ({failure.getErrorMessage()}); "
+                "trying again later"
+            )
+        else:
+            log.err(failure, f"id={queue_id} could not be finished; trying again later")
         heapq.heappush(self._due, (self.clock.seconds() + self.policy.retry_min, queue_id))
         self._wake()
 
@@ -298,7 +350,7 @@ class Scheduler(service.Service):
             current.delay_warned = True
 
         # Marked first: a warning is worth less than never sending two.
-        d = defer.maybeDeferred(self.store.update, message.id, mark)
+        d = defer.maybeDeferred(self._change, message.id, mark)
         d.addCallback(lambda _: self.report(message, message.pending(), "delayed"))
         d.addErrback(log.err, f"id={message.id} delay warning not sent")
 
