@@ -206,3 +206,19 @@ def test_the_daemon_starts_again_after_a_drained_stop(start_mta):
     daemon.process.wait(timeout=20)
     daemon.start()
     assert rcpt(daemon, "alice@example.test") == 250
+
+
+def test_sighup_changes_the_trusted_proxies(start_mta):
+    extra = '[proxy]\nlisteners = ["smtp"]\ntrusted = ["127.0.0.2/32"]\n'
+    daemon = start_mta(users=USERS, extra=extra)
+    header = b"PROXY TCP4 203.0.113.9 127.0.0.1 5000 25\r\n"
+
+    def banner() -> bytes:
+        with socket.create_connection(("127.0.0.1", daemon.ports["smtp"]), timeout=10) as sock:
+            sock.sendall(header)
+            return sock.makefile("rb").readline()
+
+    assert banner() == b""  # 127.0.0.1 is not a trusted proxy: closed without a word
+    daemon.config.write_text(daemon.config.read_text().replace("127.0.0.2/32", "127.0.0.1/32"))
+    hup(daemon)
+    assert banner().startswith(b"220 mx.example.test ESMTP")
