@@ -34,6 +34,7 @@ from twisted.mail.protocols import DomainDeliveryBase
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_mta.auth.mechanisms import Login, Plain
 from twisted_mta.delivery.directory import Directory
 from twisted_mta.queue.committer import Committer
 from twisted_mta.queue.spool import Spool
@@ -41,6 +42,7 @@ from twisted_mta.smtp import logline
 from twisted_mta.smtp.policy import ITransactionDelivery, MailRealm, MailSystem
 from twisted_mta.smtp.server import (
     CLOSE_GRACE,
+    MAX_AUTH_LINE,
     ConnectionLimits,
     MTAServer,
     ServerSettings,
@@ -767,6 +769,49 @@ def test_protocol_errors_and_limits_are_not_logged_as_rejects(rejects):
     assert client.command(b"DATA extra").code == 501
     assert client.command(b"FROB").code == 500
     assert rejects == []
+
+
+# -- AUTH exchanges end at a refused line -----------------------------------
+
+
+def auth_session() -> Client:
+    settings = replace(SETTINGS, auth_requires_tls=False)
+    server = MTAServer(settings, ConnectionLimits(100, 100), {b"LOGIN": Login, b"PLAIN": Plain})
+    server.portal = recording_portal(RecordingDelivery())
+    return open_session(server)
+
+
+REFUSED_RESPONSES = {
+    "over-long": (b"A" * (MAX_AUTH_LINE + 10), b"line too long"),
+    "bare LF": (b"YWxpY2U=\n", b"bare CR or LF received"),
+    "bare CR": (b"YWxp\rY2U=\r\n", b"bare CR or LF received"),
+    "control character": (b"YWxp\x00Y2U=\r\n", b"control character"),
+}
+
+
+@pytest.mark.parametrize("line, reason", REFUSED_RESPONSES.values(), ids=REFUSED_RESPONSES)
+@pytest.mark.parametrize("mechanism", [b"LOGIN", b"PLAIN"])
+def test_a_refused_line_ends_the_auth_exchange(mechanism, line, reason):
+    client = auth_session()
+    assert client.command(EHLO).code == 250
+    assert client.command(b"AUTH " + mechanism).code == 334
+    client.send(line)
+    if not line.endswith(b"\n"):
+        client.send(b"rest of the long line\r\n")
+    [refusal] = client.replies()
+    assert refusal.code == 501 and refusal.text.startswith(b"5.5.2 Error: " + reason)
+    assert refusal.text.endswith(b"; authentication aborted")
+    assert client.command(b"NOOP").code == 250
+    assert client.command(b"AUTH PLAIN " + base64.b64encode(b"\0alice\0secret")).code == 235
+
+
+def test_quit_after_a_refused_auth_line_is_a_command():
+    client = auth_session()
+    client.command(EHLO)
+    assert client.command(b"AUTH LOGIN").code == 334
+    client.send(b"A" * (MAX_AUTH_LINE + 1) + b"\r\nQUIT\r\nQUIT\r\n")
+    assert client.codes() == [501, 221]
+    assert client.transport.disconnecting
 
 
 # -- our server with the real realm, spool and committer ---------------------

@@ -455,17 +455,30 @@ class MTAServer(SaslMixin, smtp.ESMTP):
                 if len(buffer) < limit:
                     return None
                 self._skipping_long_line = True
-                self.reply(500, "5.5.2", "Error: line too long")
+                self._refuse_line("line too long")
                 continue
             line = bytes(buffer[:end])
             del buffer[: end + 1]
             if not line.endswith(b"\r") or b"\r" in line[:-1]:
-                self.reply(500, "5.5.2", "Error: bare CR or LF received; lines end in CRLF")
+                self._refuse_line("bare CR or LF received; lines end in CRLF")
             elif _CONTROL.search(line, 0, len(line) - 1):
-                self.reply(500, "5.5.2", "Error: control character in command")
+                self._refuse_line("control character in command")
             else:
                 return line[:-1]
         return None
+
+    def _refuse_line(self, reason: str) -> None:
+        """Answer a malformed line; one inside AUTH also ends the exchange.
+
+        Going on with the exchange would take the client's next commands
+        for SASL responses (a QUIT as a user name).
+        """
+        if self._mode == AUTH:
+            self._mode = COMMAND
+            self._challenger = None
+            self.reply(501, "5.5.2", f"Error: {reason}; authentication aborted")
+        else:
+            self.reply(500, "5.5.2", f"Error: {reason}")
 
     def _skip_rest_of_line(self) -> bool:
         """Drop input up to the end of an over-long line; True once found."""
