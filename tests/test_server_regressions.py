@@ -61,6 +61,7 @@ SETTINGS = ServerSettings(
     max_recipients=100,
     idle_timeout=300.0,
     max_errors=1000,
+    max_junk_commands=1_000_000,  # tests that pipeline thousands of RSETs
 )
 
 
@@ -662,6 +663,103 @@ def test_connections_are_limited_in_total_and_per_address():
     assert not refused(connection_from(limits, "192.0.2.3"))
     assert refused(connection_from(limits, "192.0.2.4"))
     assert (limits.total, limits.per_ip) == (3, {"192.0.2.1": 1, "192.0.2.2": 1, "192.0.2.3": 1})
+
+
+# -- junk commands and stress ----------------------------------------------
+
+JUNK_CLOSE = (421, b"4.7.0 Too many commands without progress, closing connection")
+
+
+def test_commands_without_progress_are_limited():
+    client = our_session(settings=replace(SETTINGS, max_junk_commands=6))
+    assert client.command(EHLO).code == 250
+    client.send(b"NOOP\r\nRSET\r\nVRFY alice\r\nHELP\r\nRCPT TO:<a@example.test>\r\n")
+    assert client.codes() == [250, 250, 252, 214, 503]
+    assert client.command(b"MAIL FROM:<sender@example.org>").code == 250
+    client.send(b"NOOP\r\nNOOP\r\n")
+    assert [(r.code, r.text) for r in client.replies()] == [(250, b"2.0.0 Ok"), JUNK_CLOSE]
+    assert client.transport.disconnecting
+
+
+def test_a_refused_junk_command_counts_once():
+    client = our_session(settings=replace(SETTINGS, max_junk_commands=2))
+    assert client.command(b"VRFY").code == 501
+    assert [r.code for r in client.replies()] == []
+    assert not client.transport.disconnecting
+
+
+def test_an_accepted_message_starts_the_junk_count_again():
+    client = our_session(settings=replace(SETTINGS, max_junk_commands=3))
+    for _ in range(3):
+        client.send(b"NOOP\r\nNOOP\r\n")
+        assert client.codes() == [250, 250]
+        client.start_data()
+        assert client.command(b"body\r\n.").code == 250
+    client.send(b"RSET\r\nRSET\r\nRSET\r\n")
+    assert client.codes() == [250, 250, 250, 421]
+
+
+def sessions_under(limits: ConnectionLimits, count: int) -> list[Client]:
+    return [
+        our_session(limits=limits, peer=IPv4Address("TCP", f"192.0.2.{n}", 1025))
+        for n in range(1, count + 1)
+    ]
+
+
+def test_stress_begins_above_eighty_percent_of_the_connections_and_is_logged(logged):
+    limits = ConnectionLimits(max_total=10, max_per_ip=10)
+    sessions = sessions_under(limits, 8)
+    assert not limits.stressed
+    ninth = our_session(limits=limits)
+    assert limits.stressed
+    ninth.server.connectionLost(None)
+    sessions[0].server.connectionLost(None)
+    assert not limits.stressed
+    assert [line for line in logged if line.startswith("stress mode")] == [
+        "stress mode on: 9 of 10 connections open",
+        "stress mode off: 8 of 10 connections open",
+    ]
+
+
+def test_under_stress_sessions_get_the_short_idle_timeout_at_their_next_line():
+    limits = ConnectionLimits(max_total=10, max_per_ip=10)
+    early = our_session(limits=limits)
+    sessions_under(limits, 8)
+    assert early.command(b"NOOP").code == 250
+    early.clock.advance(SETTINGS.stress_idle_timeout)
+    assert early.reply().code == 421
+    assert early.transport.disconnecting
+
+
+def test_under_stress_a_byte_at_a_time_does_not_hold_the_session():
+    limits = ConnectionLimits(max_total=10, max_per_ip=10)
+    *_, client = sessions_under(limits, 9)
+    for byte in b"NOOP\r":
+        client.clock.advance(SETTINGS.stress_idle_timeout / 5)
+        client.send(bytes([byte]))
+    assert [(r.code, r.text) for r in client.replies()] == [
+        (421, b"4.4.2 mx.example.test Error: timeout exceeded")
+    ]
+
+
+def test_under_stress_junk_is_cut_sooner_and_mail_still_flows():
+    limits = ConnectionLimits(max_total=10, max_per_ip=10)
+    *_, client = sessions_under(limits, 9)
+    client.start_data()
+    assert client.command(b"body\r\n.").code == 250
+    client.send(b"NOOP\r\n" * 5)
+    assert client.codes() == [250] * SETTINGS.stress_max_junk_commands + [421]
+
+
+def test_after_stress_the_normal_limits_return():
+    limits = ConnectionLimits(max_total=10, max_per_ip=10)
+    first, *others = sessions_under(limits, 9)
+    for session in others:
+        session.server.connectionLost(None)
+    first.send(b"NOOP\r\n" * 5)
+    assert first.codes() == [250] * 5
+    first.clock.advance(SETTINGS.stress_idle_timeout)
+    assert first.replies() == []
 
 
 def test_too_many_recipients_get_452_and_the_message_goes_to_the_others():
