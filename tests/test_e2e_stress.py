@@ -9,6 +9,7 @@ import threading
 import time
 
 from silent_client import SilentTLSClient
+from test_e2e_protocol import connect
 from twisted_mta.smtp.server import MAX_AUTH_LINE
 
 # Every slot of a scaled-down server taken by slow chatter from five
@@ -37,6 +38,18 @@ def test_an_over_long_auth_line_ends_the_exchange_and_quit_is_a_command(mta):
         assert refusal.startswith(b"501 5.5.2 Error: line too long"), refusal
         assert client.command(b"QUIT").startswith(b"221 ")
         assert client.wait_for_close() < 5
+
+
+def test_bidi_and_line_separators_stay_out_of_addresses_and_logs(mta):
+    with connect(mta) as raw:
+        raw.expect("EHLO client\u2028\u202e.example.org".encode(), 250)
+        raw.expect("MAIL FROM:<boss\u202egro.elpmaxe@example.org> SMTPUTF8".encode(), 553, b"5.1.7")
+        raw.expect("MAIL FROM:<a@example.org> SMTPUTF8".encode(), 250)
+        raw.expect("RCPT TO:<info\u2029x@example.test>".encode(), 553, b"5.1.3")
+        raw.expect(b"RCPT TO:<nobody@example.test>", 550, b"5.1.1")
+    line = mta.wait_for_log(r"reject: RCPT .* to=<nobody@example.test>")
+    assert "helo=<client\\u2028\\u202e.example.org>" in line
+    assert not [entry for entry in mta.log if "\u2028" in entry or "\u202e" in entry]
 
 
 class SlowChatter:

@@ -822,6 +822,33 @@ def test_a_validator_refusal_is_logged_with_its_fields(rejects):
     assert formatEvent(eventFromJSON(eventAsJSON(event))) == line
 
 
+def test_client_text_in_a_reject_line_is_escaped(rejects):
+    error = smtp.SMTPServerError(550, "5.1.1 <a\u202e@example.test>: unknown\u2028forged line")
+    client = our_session(RecordingDelivery(recipient_error=error), peer=CLIENT)
+    client.command("EHLO client\u2029\u2066.example.org".encode())
+    client.command(b"MAIL FROM:<sender@example.org>")
+    assert client.command(b"RCPT TO:<a@example.test>").code == 550
+    [event] = rejects
+    line = formatEvent(event)
+    assert line == (
+        "NOQUEUE: reject: RCPT from unknown[192.0.2.7]: 550 5.1.1 <a\\u202e@example.test>:"
+        " unknown forged line; from=<sender@example.org> to=<a@example.test>"
+        " proto=ESMTP helo=<client\\u2029\\u2066.example.org>"
+    )
+    assert event["helo"] == "client\\u2029\\u2066.example.org"
+
+
+def test_the_accept_line_escapes_the_login_name(logged):
+    client = auth_session()
+    client.server.session.user = None
+    client.command(EHLO)
+    client.server.session.user = "alice\u202e"
+    client.start_data()
+    assert client.command(b"body\r\n.").code == 250
+    [accepted] = [line for line in logged if " size=" in line]
+    assert "sasl_username=alice\\u202e" in accepted and "\u202e" not in accepted
+
+
 @implementer(ITransactionDelivery)
 class FullDisk(TransactionDelivery):
     def open_message(self, received: bytes) -> WholeMessage:

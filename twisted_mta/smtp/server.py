@@ -53,6 +53,7 @@ from twisted_mta.smtp.logline import Stage, log_reject
 from twisted_mta.smtp.modes import AUTH, CLOSED, COMMAND, DATA
 from twisted_mta.smtp.policy import ITransactionDelivery, Session
 from twisted_mta.smtp.sasl import SaslMixin
+from twisted_mta.smtp.text import escape
 
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, including the CRLF
 MAX_AUTH_LINE = 12288  # RFC 4954 4
@@ -788,10 +789,10 @@ class MTAServer(SaslMixin, smtp.ESMTP):
         queue_id = getattr(self.delivery, "queue_id", None) or "-"
         self._junk = 0
         log.msg(
-            f"id={queue_id} from=<{self._from}> size={size} nrcpt={len(self._to)} "
+            f"id={queue_id} from=<{escape(str(self._from))}> size={size} nrcpt={len(self._to)} "
             f"client=unknown[{self.session.client_ip}] listener={self.settings.listener}"
             + (f" tls={self.session.tls.split()[0]}" if self.session.tls else "")
-            + (f" sasl_username={self.session.user}" if self.session.user else "")
+            + (f" sasl_username={escape(self.session.user)}" if self.session.user else "")
         )
         self.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
