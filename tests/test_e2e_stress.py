@@ -1,13 +1,16 @@
-"""Attacks on the real daemon that must not desynchronise or exhaust it."""
+"""Attacks on the real daemon that must not desynchronise or exhaust it,
+and what a crash leaves behind."""
 
 from __future__ import annotations
 
+import os
 import selectors
 import smtplib
 import socket
 import threading
 import time
 
+from daemon import make_daemon
 from silent_client import SilentTLSClient
 from test_e2e_protocol import connect
 from twisted_mta.smtp.server import MAX_AUTH_LINE
@@ -152,3 +155,22 @@ def test_slow_chatter_on_every_slot_gives_way_to_a_client_with_mail(start_mta):
     assert served_after < SERVED_WITHIN
     assert [m for m in daemon.messages("example.test", "postmaster") if b"slowloris" in m]
     daemon.wait_for_log(f"stress mode on: {int(0.8 * MAX_CONNECTIONS) + 1} of {MAX_CONNECTIONS}")
+
+
+def test_a_start_sweeps_what_a_crash_left_in_maildir_tmp(tmp_path):
+    daemon = make_daemon(tmp_path / "mta")
+    tmp = daemon.spool / "mail" / "example.test" / "postmaster" / "tmp"
+    tmp.mkdir(parents=True)
+    two_days_ago = time.time() - 48 * 3600
+    for n in range(2):
+        left = tmp / f"{int(two_days_ago)}.M{n}P4242Q{n}.crashed-host"
+        left.write_bytes(b"Subject: half written")
+        os.utime(left, (two_days_ago, two_days_ago))
+    recent = tmp / f"{int(time.time())}.M0P4242Q9.crashed-host"
+    recent.write_bytes(b"being written")
+    daemon.start()
+    try:
+        daemon.wait_for_log(r"removed 2 stale temporary file\(s\) from maildir tmp/")
+        assert list(tmp.iterdir()) == [recent]
+    finally:
+        daemon.stop()
