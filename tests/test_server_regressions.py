@@ -699,6 +699,20 @@ def test_an_accepted_message_starts_the_junk_count_again():
     assert client.codes() == [250, 250, 250, 421]
 
 
+def test_one_421_when_the_junk_and_auth_failure_limits_meet_on_one_reply():
+    clock = task.Clock()
+    settings = replace(
+        SETTINGS, auth_requires_tls=False, max_junk_commands=2, max_auth_failures=1
+    )
+    server = MTAServer(settings, ConnectionLimits(100, 100), {b"PLAIN": Plain}, clock=clock)
+    server.portal = recording_portal(RecordingDelivery())
+    client = open_session(server)
+    assert client.command(b"NOOP").code == 250
+    client.send(b"AUTH PLAIN " + base64.b64encode(b"\0alice\0wrong") + b"\r\n")
+    clock.advance(60)
+    assert [r.code for r in client.replies()] == [535, 421]
+
+
 def sessions_under(limits: ConnectionLimits, count: int) -> list[Client]:
     return [
         our_session(limits=limits, peer=IPv4Address("TCP", f"192.0.2.{n}", 1025))

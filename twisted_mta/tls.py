@@ -4,8 +4,8 @@ TLS 1.2 is the floor (RFC 8314 and current practice).  TLS 1.2 offers
 only ECDHE key exchange with AEAD ciphers (AES-GCM, ChaCha20-Poly1305),
 as RFC 9325 recommends: no CBC suites, no static RSA, no finite-field
 DHE.  TLS 1.3 suites are OpenSSL's, all of which are AEAD and forward
-secret.  The listeners hold a :class:`ServerTLS`, whose certificate can be replaced
-while they run (a reload, a renewal on disk): connections made after the
+secret.  The listeners hold a :class:`ServerTLS`, whose certificate can
+be replaced while they run (a reload, a renewal on disk): connections made after the
 change get the new one, open ones keep theirs.  A certificate and key are
 checked when loaded, so that a pair that does not belong together stops
 the start (or is kept out by a reload) instead of failing every STARTTLS.

@@ -360,7 +360,13 @@ class MTAServer(SaslMixin, smtp.ESMTP):
     # -- replies --------------------------------------------------------
 
     def reply(self, code: int, enhanced: str, text: str) -> None:
-        """Send a reply; every line carries the enhanced status code."""
+        """Send a reply; every line carries the enhanced status code.
+
+        Nothing more is said once the session is closing: two limits met
+        by one reply would otherwise both say 421.
+        """
+        if self._mode == CLOSED:
+            return
         lines = text.splitlines() or [""]
         body = "\n".join(f"{enhanced} {line}" for line in lines)
         self.sendCode(code, body.encode("utf-8"))
