@@ -532,6 +532,25 @@ def test_invalid_utf8_is_a_syntax_error(
         assert_bad_recipient(path, smtputf8)
 
 
+SHOWN_DIFFERENTLY = ["\u2028", "\u2029", "\u200e", "\u200f", "\u202a", "\u202e", "\u2066", "\u2069", "\u061c"]
+
+
+@pytest.mark.parametrize("char", SHOWN_DIFFERENTLY)
+@pytest.mark.parametrize("template", ["a{}b@example.com", "a@b{}.example", '"a{}b"@example.com'])
+def test_separators_and_bidi_controls_are_refused_in_addresses(char: str, template: str) -> None:
+    path = template.format(char).encode()
+    named = f"U+{ord(char):04X}"
+    exc = mail_error(b"FROM:<" + path + b"> SMTPUTF8")
+    assert reply(exc) == (553, "5.1.7")
+    assert exc.text == (
+        f"Sender address rejected: it contains {named}, a line separator or"
+        " bidirectional control character"
+    )
+    assert_wire_safe(exc)
+    exc = rcpt_error(b"TO:<" + path + b">", smtputf8=True)
+    assert reply(exc) == (553, "5.1.3") and exc.text.startswith("Recipient address rejected")
+
+
 def test_utf8_label_length_is_counted_in_octets() -> None:
     label = "é".encode() * 32  # 64 octets
     assert_bad_recipient(b"a@" + label + b".example", smtputf8=True)

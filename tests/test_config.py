@@ -162,6 +162,8 @@ def test_embedded_relay_queue_and_limit_defaults() -> None:
     assert limits.max_auth_failures == 3
     assert limits.max_hops == 50
     assert limits.max_errors == 10
+    assert limits.max_junk_commands == 100
+    assert (limits.stress_idle_timeout, limits.stress_max_junk_commands) == (10, 3)
     assert (config.proxy.listeners, config.proxy.trusted) == ((), ())
 
 
@@ -308,6 +310,10 @@ def test_durations_and_sizes_in_a_file(tmp_path: Path) -> None:
          "limits.max_auth_failures: must be at least 1, got 0"),
         ("[limits]\nmax_errors = 0\n",
          "limits.max_errors: must be at least 1, got 0"),
+        ("[limits]\nmax_junk_commands = 0\n",
+         "limits.max_junk_commands: must be at least 1, got 0"),
+        ("[limits]\nstress_idle_timeout = 0\n",
+         "limits.stress_idle_timeout: expected a duration of more than 0, got 0"),
         ("[limits]\nmax_message_size = 0\n",
          "limits.max_message_size: expected a size of at least 1 byte,"
          " got 0"),
@@ -746,7 +752,8 @@ def test_dump_of_a_full_config_round_trips(tmp_path: Path) -> None:
         '[limits]\nmax_message_size = "1G"\nmax_recipients = 5\n'
         "max_connections = 6\nmax_connections_per_ip = 7\n"
         'idle_timeout = "1m"\nmax_auth_failures = 8\nmax_hops = 9\n'
-        "max_errors = 11\n"
+        "max_errors = 11\nmax_junk_commands = 12\n"
+        'stress_idle_timeout = "13s"\nstress_max_junk_commands = 14\n'
         '[proxy]\nlisteners = ["smtp", "submissions"]\n'
         'trusted = ["10.0.0.5/32", "2001:db8::/64"]\n'
     )

@@ -1,20 +1,21 @@
-"""TLS on the listeners: configured certificate, TLS 1.2 floor, self-signed default."""
+"""TLS on the listeners: configured certificate, TLS 1.2 floor and suites, self-signed default."""
 
 import datetime
 import smtplib
+import socket
 import ssl
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from daemon import insecure_context
 
 
-def make_certificate(directory, name):
-    key = ec.generate_private_key(ec.SECP256R1())
+def make_certificate(directory, name, key=None):
+    key = key or ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.timezone.utc)
     certificate = (
@@ -94,3 +95,40 @@ def test_unreadable_certificate_stops_the_start(tmp_path):
     with pytest.raises(RuntimeError) as raised:
         daemon.start()
     assert "missing.pem" in str(raised.value) and "tls.certificate" in str(raised.value)
+
+
+def tls12_ciphers() -> list[str]:
+    """Every TLS 1.2 suite this client's OpenSSL can offer."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.set_ciphers("ALL:@SECLEVEL=0")
+    return [c["name"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"]
+
+
+def handshake_succeeds(port: int, cipher: str) -> bool:
+    context = insecure_context()
+    context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(f"{cipher}:@SECLEVEL=0")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        try:
+            with context.wrap_socket(raw) as tls:
+                return tls.cipher()[0] == cipher
+        except (ssl.SSLError, ConnectionError):
+            return False
+
+
+def forward_secret_aead(cipher: str) -> bool:
+    return cipher.startswith("ECDHE-") and ("-GCM-" in cipher or "CHACHA20-POLY1305" in cipher)
+
+
+@pytest.mark.parametrize("key_type", ["ec", "rsa"])
+def test_tls_1_2_accepts_only_ecdhe_with_aead(start_mta, tmp_path, key_type):
+    (tmp_path / "tls").mkdir()
+    key = rsa.generate_private_key(65537, 2048) if key_type == "rsa" else None
+    make_certificate(tmp_path / "tls", "mail.example.test", key)
+    extra = f'[tls]\ncertificate = "{tmp_path}/tls/cert.pem"\nprivate_key = "{tmp_path}/tls/key.pem"\n'
+    daemon = start_mta(extra=extra)
+    offered = tls12_ciphers()
+    accepted = [c for c in offered if handshake_succeeds(daemon.ports["submissions"], c)]
+    print(f"{key_type}: {len(accepted)} of {len(offered)} TLS 1.2 suites accepted: {accepted}")
+    assert accepted
+    assert all(forward_secret_aead(c) for c in accepted), accepted

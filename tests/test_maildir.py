@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import time
 
 import pytest
 
@@ -15,6 +16,7 @@ from twisted_mta.delivery.maildir import (
     ensure_maildir,
     mailbox_path,
     open_temporary,
+    sweep_stale_temporaries,
 )
 from twisted_mta.queue import committer
 
@@ -101,3 +103,35 @@ def test_names_are_unique_within_a_process(tmp_path):
 
 def test_hostname_cannot_break_the_name():
     assert maildir._maildir_safe("a/b:c,d\\e") == "a\\057b\\072c\\054d\\134e"
+
+
+HOUR = 3600.0
+
+
+def aged(path, hours: float, now: float):
+    path.write_bytes(b"partial message")
+    os.utime(path, (now - hours * HOUR, now - hours * HOUR))
+    return path
+
+
+def test_the_sweep_removes_only_our_temporary_files_older_than_36_hours(tmp_path):
+    now = time.time()
+    box = mailbox_path(tmp_path, "example.test", "alice")
+    ensure_maildir(box)
+    ours = open_temporary(box)
+    os.close(ours.fd)
+    stale = aged(box / "tmp" / os.path.basename(ours.path), 36.5, now)
+    fresh = aged(box / "tmp" / "1700000000.M1P2Q3.host", 35, now)
+    foreign = aged(box / "tmp" / "1700000000.M1P2.dovecot-host", 72, now)
+    delivered = aged(box / "new" / "1700000000.M1P2Q4.host", 72, now)
+    other_box = mailbox_path(tmp_path, "example.org", "bob")
+    ensure_maildir(other_box)
+    also_stale = aged(other_box / "tmp" / "1600000000.M999999P77Q0.a\\057b", 100, now)
+    assert sweep_stale_temporaries(tmp_path, now) == 2
+    assert not stale.exists() and not also_stale.exists()
+    assert fresh.exists() and foreign.exists() and delivered.exists()
+    assert sweep_stale_temporaries(tmp_path, now) == 0
+
+
+def test_the_sweep_of_a_missing_mail_folder_finds_nothing(tmp_path):
+    assert sweep_stale_temporaries(tmp_path / "mail") == 0

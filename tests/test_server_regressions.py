@@ -34,6 +34,7 @@ from twisted.mail.protocols import DomainDeliveryBase
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_mta.auth.mechanisms import Login, Plain
 from twisted_mta.delivery.directory import Directory
 from twisted_mta.queue.committer import Committer
 from twisted_mta.queue.spool import Spool
@@ -41,6 +42,7 @@ from twisted_mta.smtp import logline
 from twisted_mta.smtp.policy import ITransactionDelivery, MailRealm, MailSystem
 from twisted_mta.smtp.server import (
     CLOSE_GRACE,
+    MAX_AUTH_LINE,
     ConnectionLimits,
     MTAServer,
     ServerSettings,
@@ -59,6 +61,7 @@ SETTINGS = ServerSettings(
     max_recipients=100,
     idle_timeout=300.0,
     max_errors=1000,
+    max_junk_commands=1_000_000,  # tests that pipeline thousands of RSETs
 )
 
 
@@ -662,6 +665,117 @@ def test_connections_are_limited_in_total_and_per_address():
     assert (limits.total, limits.per_ip) == (3, {"192.0.2.1": 1, "192.0.2.2": 1, "192.0.2.3": 1})
 
 
+# -- junk commands and stress ----------------------------------------------
+
+JUNK_CLOSE = (421, b"4.7.0 Too many commands without progress, closing connection")
+
+
+def test_commands_without_progress_are_limited():
+    client = our_session(settings=replace(SETTINGS, max_junk_commands=6))
+    assert client.command(EHLO).code == 250
+    client.send(b"NOOP\r\nRSET\r\nVRFY alice\r\nHELP\r\nRCPT TO:<a@example.test>\r\n")
+    assert client.codes() == [250, 250, 252, 214, 503]
+    assert client.command(b"MAIL FROM:<sender@example.org>").code == 250
+    client.send(b"NOOP\r\nNOOP\r\n")
+    assert [(r.code, r.text) for r in client.replies()] == [(250, b"2.0.0 Ok"), JUNK_CLOSE]
+    assert client.transport.disconnecting
+
+
+def test_a_refused_junk_command_counts_once():
+    client = our_session(settings=replace(SETTINGS, max_junk_commands=2))
+    assert client.command(b"VRFY").code == 501
+    assert [r.code for r in client.replies()] == []
+    assert not client.transport.disconnecting
+
+
+def test_an_accepted_message_starts_the_junk_count_again():
+    client = our_session(settings=replace(SETTINGS, max_junk_commands=3))
+    for _ in range(3):
+        client.send(b"NOOP\r\nNOOP\r\n")
+        assert client.codes() == [250, 250]
+        client.start_data()
+        assert client.command(b"body\r\n.").code == 250
+    client.send(b"RSET\r\nRSET\r\nRSET\r\n")
+    assert client.codes() == [250, 250, 250, 421]
+
+
+def test_one_421_when_the_junk_and_auth_failure_limits_meet_on_one_reply():
+    clock = task.Clock()
+    settings = replace(
+        SETTINGS, auth_requires_tls=False, max_junk_commands=2, max_auth_failures=1
+    )
+    server = MTAServer(settings, ConnectionLimits(100, 100), {b"PLAIN": Plain}, clock=clock)
+    server.portal = recording_portal(RecordingDelivery())
+    client = open_session(server)
+    assert client.command(b"NOOP").code == 250
+    client.send(b"AUTH PLAIN " + base64.b64encode(b"\0alice\0wrong") + b"\r\n")
+    clock.advance(60)
+    assert [r.code for r in client.replies()] == [535, 421]
+
+
+def sessions_under(limits: ConnectionLimits, count: int) -> list[Client]:
+    return [
+        our_session(limits=limits, peer=IPv4Address("TCP", f"192.0.2.{n}", 1025))
+        for n in range(1, count + 1)
+    ]
+
+
+def test_stress_begins_above_eighty_percent_of_the_connections_and_is_logged(logged):
+    limits = ConnectionLimits(max_total=10, max_per_ip=10)
+    sessions = sessions_under(limits, 8)
+    assert not limits.stressed
+    ninth = our_session(limits=limits)
+    assert limits.stressed
+    ninth.server.connectionLost(None)
+    sessions[0].server.connectionLost(None)
+    assert not limits.stressed
+    assert [line for line in logged if line.startswith("stress mode")] == [
+        "stress mode on: 9 of 10 connections open",
+        "stress mode off: 8 of 10 connections open",
+    ]
+
+
+def test_under_stress_sessions_get_the_short_idle_timeout_at_their_next_line():
+    limits = ConnectionLimits(max_total=10, max_per_ip=10)
+    early = our_session(limits=limits)
+    sessions_under(limits, 8)
+    assert early.command(b"NOOP").code == 250
+    early.clock.advance(SETTINGS.stress_idle_timeout)
+    assert early.reply().code == 421
+    assert early.transport.disconnecting
+
+
+def test_under_stress_a_byte_at_a_time_does_not_hold_the_session():
+    limits = ConnectionLimits(max_total=10, max_per_ip=10)
+    *_, client = sessions_under(limits, 9)
+    for byte in b"NOOP\r":
+        client.clock.advance(SETTINGS.stress_idle_timeout / 5)
+        client.send(bytes([byte]))
+    assert [(r.code, r.text) for r in client.replies()] == [
+        (421, b"4.4.2 mx.example.test Error: timeout exceeded")
+    ]
+
+
+def test_under_stress_junk_is_cut_sooner_and_mail_still_flows():
+    limits = ConnectionLimits(max_total=10, max_per_ip=10)
+    *_, client = sessions_under(limits, 9)
+    client.start_data()
+    assert client.command(b"body\r\n.").code == 250
+    client.send(b"NOOP\r\n" * 5)
+    assert client.codes() == [250] * SETTINGS.stress_max_junk_commands + [421]
+
+
+def test_after_stress_the_normal_limits_return():
+    limits = ConnectionLimits(max_total=10, max_per_ip=10)
+    first, *others = sessions_under(limits, 9)
+    for session in others:
+        session.server.connectionLost(None)
+    first.send(b"NOOP\r\n" * 5)
+    assert first.codes() == [250] * 5
+    first.clock.advance(SETTINGS.stress_idle_timeout)
+    assert first.replies() == []
+
+
 def test_too_many_recipients_get_452_and_the_message_goes_to_the_others():
     client = our_session(settings=replace(SETTINGS, max_recipients=2))
     client.command(EHLO)
@@ -722,6 +836,33 @@ def test_a_validator_refusal_is_logged_with_its_fields(rejects):
     assert formatEvent(eventFromJSON(eventAsJSON(event))) == line
 
 
+def test_client_text_in_a_reject_line_is_escaped(rejects):
+    error = smtp.SMTPServerError(550, "5.1.1 <a\u202e@example.test>: unknown\u2028forged line")
+    client = our_session(RecordingDelivery(recipient_error=error), peer=CLIENT)
+    client.command("EHLO client\u2029\u2066.example.org".encode())
+    client.command(b"MAIL FROM:<sender@example.org>")
+    assert client.command(b"RCPT TO:<a@example.test>").code == 550
+    [event] = rejects
+    line = formatEvent(event)
+    assert line == (
+        "NOQUEUE: reject: RCPT from unknown[192.0.2.7]: 550 5.1.1 <a\\u202e@example.test>:"
+        " unknown forged line; from=<sender@example.org> to=<a@example.test>"
+        " proto=ESMTP helo=<client\\u2029\\u2066.example.org>"
+    )
+    assert event["helo"] == "client\\u2029\\u2066.example.org"
+
+
+def test_the_accept_line_escapes_the_login_name(logged):
+    client = auth_session()
+    client.server.session.user = None
+    client.command(EHLO)
+    client.server.session.user = "alice\u202e"
+    client.start_data()
+    assert client.command(b"body\r\n.").code == 250
+    [accepted] = [line for line in logged if " size=" in line]
+    assert "sasl_username=alice\\u202e" in accepted and "\u202e" not in accepted
+
+
 @implementer(ITransactionDelivery)
 class FullDisk(TransactionDelivery):
     def open_message(self, received: bytes) -> WholeMessage:
@@ -767,6 +908,49 @@ def test_protocol_errors_and_limits_are_not_logged_as_rejects(rejects):
     assert client.command(b"DATA extra").code == 501
     assert client.command(b"FROB").code == 500
     assert rejects == []
+
+
+# -- AUTH exchanges end at a refused line -----------------------------------
+
+
+def auth_session() -> Client:
+    settings = replace(SETTINGS, auth_requires_tls=False)
+    server = MTAServer(settings, ConnectionLimits(100, 100), {b"LOGIN": Login, b"PLAIN": Plain})
+    server.portal = recording_portal(RecordingDelivery())
+    return open_session(server)
+
+
+REFUSED_RESPONSES = {
+    "over-long": (b"A" * (MAX_AUTH_LINE + 10), b"line too long"),
+    "bare LF": (b"YWxpY2U=\n", b"bare CR or LF received"),
+    "bare CR": (b"YWxp\rY2U=\r\n", b"bare CR or LF received"),
+    "control character": (b"YWxp\x00Y2U=\r\n", b"control character"),
+}
+
+
+@pytest.mark.parametrize("line, reason", REFUSED_RESPONSES.values(), ids=REFUSED_RESPONSES)
+@pytest.mark.parametrize("mechanism", [b"LOGIN", b"PLAIN"])
+def test_a_refused_line_ends_the_auth_exchange(mechanism, line, reason):
+    client = auth_session()
+    assert client.command(EHLO).code == 250
+    assert client.command(b"AUTH " + mechanism).code == 334
+    client.send(line)
+    if not line.endswith(b"\n"):
+        client.send(b"rest of the long line\r\n")
+    [refusal] = client.replies()
+    assert refusal.code == 501 and refusal.text.startswith(b"5.5.2 Error: " + reason)
+    assert refusal.text.endswith(b"; authentication aborted")
+    assert client.command(b"NOOP").code == 250
+    assert client.command(b"AUTH PLAIN " + base64.b64encode(b"\0alice\0secret")).code == 235
+
+
+def test_quit_after_a_refused_auth_line_is_a_command():
+    client = auth_session()
+    client.command(EHLO)
+    assert client.command(b"AUTH LOGIN").code == 334
+    client.send(b"A" * (MAX_AUTH_LINE + 1) + b"\r\nQUIT\r\nQUIT\r\n")
+    assert client.codes() == [501, 221]
+    assert client.transport.disconnecting
 
 
 # -- our server with the real realm, spool and committer ---------------------

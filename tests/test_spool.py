@@ -88,6 +88,20 @@ def test_prepare_removes_what_was_never_acknowledged(tmp_path, logged):
     assert len([m for m in logged if "never acknowledged" in m]) == 6
 
 
+def test_prepare_sweeps_stale_maildir_temporaries_in_one_line(tmp_path, logged):
+    tmp = tmp_path / "mail" / "example.test" / "alice" / "tmp"
+    tmp.mkdir(parents=True)
+    for n in range(3):
+        stale = tmp / f"1700000000.M{n}P1Q{n}.host"
+        stale.write_bytes(b"half")
+        os.utime(stale, (0, 0))
+    Spool(tmp_path / "mail", tmp_path / "queue", Committer(ThreadReactor())).prepare()
+    assert os.listdir(tmp) == []
+    assert [m for m in logged if "stale" in m] == [
+        "removed 3 stale temporary file(s) from maildir tmp/ folders (older than 36 hours)"
+    ]
+
+
 def test_one_message_for_two_mailboxes_and_a_relay(tmp_path, spool, reactor, logged):
     message = incoming(spool, {ALICE: "alice+x@example.test", BOB: "bob@example.test"},
                        "far@remote.example")

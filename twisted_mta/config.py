@@ -161,6 +161,9 @@ class LimitsConfig:
     max_hops: int
     max_errors: int
     shutdown_timeout: float
+    max_junk_commands: int
+    stress_idle_timeout: float
+    stress_max_junk_commands: int
 
 
 @dataclass(frozen=True)
@@ -273,6 +276,9 @@ _DEFAULTS: dict[str, Any] = {
         "max_hops": 50,
         "max_errors": 10,
         "shutdown_timeout": "30s",
+        "max_junk_commands": 100,
+        "stress_idle_timeout": "10s",
+        "stress_max_junk_commands": 3,
     },
     "proxy": {"listeners": [], "trusted": []},
 }
@@ -471,6 +477,9 @@ def _parsers(base: Path, check_files: bool) -> dict[str, dict[str, _Parser]]:
             "max_hops": _count,
             "max_errors": _count,
             "shutdown_timeout": parse_duration,
+            "max_junk_commands": _count,
+            "stress_idle_timeout": _positive_duration,
+            "stress_max_junk_commands": _count,
         },
         "proxy": {"listeners": _listener_kinds, "trusted": _networks},
     }

@@ -390,4 +390,7 @@ def _settings(config: Config, kind: str) -> ServerSettings:
         auth_requires_tls=config.auth.require_tls,
         max_auth_failures=limits.max_auth_failures,
         max_hops=limits.max_hops,
+        max_junk_commands=limits.max_junk_commands,
+        stress_idle_timeout=limits.stress_idle_timeout,
+        stress_max_junk_commands=limits.stress_max_junk_commands,
     )

@@ -1,9 +1,11 @@
 """Server TLS: the configured certificate, or a self-signed one made once.
 
-TLS 1.2 is the floor (RFC 8314 and current practice); ciphers are
-Twisted's defaults, which allow only forward-secret AEAD suites.  The
-listeners hold a :class:`ServerTLS`, whose certificate can be replaced
-while they run (a reload, a renewal on disk): connections made after the
+TLS 1.2 is the floor (RFC 8314 and current practice).  TLS 1.2 offers
+only ECDHE key exchange with AEAD ciphers (AES-GCM, ChaCha20-Poly1305),
+as RFC 9325 recommends: no CBC suites, no static RSA, no finite-field
+DHE.  TLS 1.3 suites are OpenSSL's, all of which are AEAD and forward
+secret.  The listeners hold a :class:`ServerTLS`, whose certificate can
+be replaced while they run (a reload, a renewal on disk): connections made after the
 change get the new one, open ones keep theirs.  A certificate and key are
 checked when loaded, so that a pair that does not belong together stops
 the start (or is kept out by a reload) instead of failing every STARTTLS.
@@ -22,10 +24,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from zope.interface import implementer
 
 from twisted_mta.files import write_atomically
+
+# TLS 1.2 suites; TLS 1.3 ones are configured apart by OpenSSL.
+TLS12_CIPHERS = AcceptableCiphers.fromOpenSSLCipherString("ECDHE+AESGCM:ECDHE+CHACHA20")
 
 
 class TLSError(Exception):
@@ -122,6 +127,7 @@ def load_pair(certificate: Path, private_key: Path) -> CertificateOptions:
             certificate=crypto.X509.from_cryptography(chain[0]),
             extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
             raiseMinimumTo=TLSVersion.TLSv1_2,
+            acceptableCiphers=TLS12_CIPHERS,
         )
         options.getContext()
     except (SSL.Error, TypeError, ValueError) as error:

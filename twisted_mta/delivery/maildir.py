@@ -9,13 +9,16 @@ processes, restarts and clock jumps::
     <sec>.M<usec>P<pid>V<dev>I<ino>_<seq>.<host>,S=<size>
 
 ``,S=`` is the size of the file as stored, which lets Dovecot and other
-readers skip a stat.
+readers skip a stat.  A file a crash leaves in ``tmp/`` is removed at the
+next start once it is 36 hours old, the age after which the Maildir
+convention deems a temporary file abandoned.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -29,6 +32,9 @@ CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SUBDIRECTORIES = ("tmp", "new", "cur")
 _NAME_MAX = 255  # bytes in one directory entry on Linux file systems
 _sequence = itertools.count()
+STALE_AFTER = 36 * 3600  # seconds
+# The temporary names open_temporary makes; other writers' files are theirs.
+_OUR_TEMPORARY = re.compile(r"\d+\.M\d+P\d+Q\d+\..+")
 
 
 class UnsafeMailboxName(ValueError):
@@ -111,3 +117,28 @@ def open_temporary(maildir: Path) -> TemporaryFile:
     info = os.fstat(fd)
     unique = f"{stem}V{info.st_dev:x}I{info.st_ino:x}_{sequence}.{_hostname}"
     return TemporaryFile(fd, path, maildir, unique)
+
+
+def sweep_stale_temporaries(mail_root: Path, now: float | None = None) -> int:
+    """Remove our temporary files older than ``STALE_AFTER`` from the
+    ``tmp/`` of every mailbox under ``mail_root``; how many were removed."""
+    cutoff = (time.time() if now is None else now) - STALE_AFTER
+    return sum(_sweep(tmp, cutoff) for tmp in mail_root.glob("*/*/tmp"))
+
+
+def _sweep(tmp: Path, cutoff: float) -> int:
+    removed = 0
+    try:
+        entries = list(os.scandir(tmp))
+    except OSError:
+        return 0
+    for entry in entries:
+        if not _OUR_TEMPORARY.fullmatch(entry.name):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed

@@ -39,10 +39,12 @@ from zope.interface import implementer
 from twisted_mta.delivery.directory import Mailbox
 from twisted_mta.delivery.maildir import (
     CREATE_FLAGS,
+    STALE_AFTER,
     TemporaryFile,
     ensure_maildir,
     mailbox_path,
     open_temporary,
+    sweep_stale_temporaries,
 )
 from twisted_mta.queue.committer import Committer, PendingFile, discard, make_directories
 
@@ -124,13 +126,22 @@ class Spool:
     on_queued: Callable[[str], None] | None = None
 
     def prepare(self) -> None:
-        """Create the queue folder and drop transactions never acknowledged.
-
-        Those are leftovers of a crash: temporary files, and a ``.msg`` or
-        ``.env`` without its partner (the pair is renamed into place before
-        the ``250``, the ``.env`` last).
-        """
+        """Create the queue folder and remove what a crash left behind:
+        transactions never acknowledged, and our stale files in maildirs'
+        ``tmp/``."""
         make_directories(self.queue_dir)
+        self._drop_unacknowledged()
+        removed = sweep_stale_temporaries(self.mail_root)
+        if removed:
+            log.msg(
+                f"removed {removed} stale temporary file(s) from maildir tmp/ folders"
+                f" (older than {STALE_AFTER // 3600} hours)"
+            )
+
+    def _drop_unacknowledged(self) -> None:
+        """Temporary files, and a ``.msg`` or ``.env`` without its partner
+        (the pair is renamed into place before the ``250``, the ``.env``
+        last)."""
         names = set(os.listdir(self.queue_dir))
         partner = {"msg": "env", "env": "msg"}
         for name in sorted(names):

@@ -16,8 +16,11 @@ Every malformed input raises :class:`PathError`, which carries the reply code,
 enhanced status code and text to send; error texts never echo the client's
 address bytes.  Checks happen in this order: command syntax (501 5.5.2),
 parameter syntax (501 5.5.4), address syntax (501 5.1.7 for senders, 501 5.1.3
-for recipients), SMTPUTF8 requirement (553 5.6.7), unknown parameters
-(555 5.5.4) and finally the message size (552 5.3.4).
+for recipients), characters that change how an address is shown (553 5.1.7
+or 5.1.3: line separators and bidirectional controls have no business in an
+address, and would reach logs and the Return-Path and Delivered-To headers),
+SMTPUTF8 requirement (553 5.6.7), unknown parameters (555 5.5.4) and
+finally the message size (552 5.3.4).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.mail import smtp
+
+from twisted_mta.smtp.text import first_unsafe
 
 __all__ = [
     "NULL_SENDER",
@@ -299,6 +304,14 @@ def _checked_path(path: bytes, smtputf8: bool, role: str) -> Address:
         raise PathError(
             501, _ENHANCED[role], f"Bad {role} address syntax ({exc})"
         ) from None
+    unsafe = first_unsafe(path.decode("utf-8"))
+    if unsafe:
+        raise PathError(
+            553,
+            _ENHANCED[role],
+            f"{role.capitalize()} address rejected: it contains {unsafe},"
+            " a line separator or bidirectional control character",
+        )
     if not smtputf8 and not path.isascii():
         raise PathError(
             553, "5.6.7", "SMTPUTF8 required for non-ASCII address"

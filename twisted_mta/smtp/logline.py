@@ -9,7 +9,8 @@ does no reverse DNS.  Each line is a ``twisted.logger`` event that carries
 its parts as fields (``client_ip``, ``stage``, ``code``, ``enhanced``,
 ``text``, ``sender``, ``recipient``, ``helo``, ``proto``, ``queue_id``), so
 structured observers, such as ``twistd --logger`` with a JSON observer, get
-them without parsing the text.
+them without parsing the text.  Client-given text is escaped (see
+:mod:`twisted_mta.smtp.text`), in the fields as in the line.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Literal
 from twisted.logger import Logger
 
 from twisted_mta.smtp.policy import Session
+from twisted_mta.smtp.text import escape
 
 Stage = Literal["CONNECT", "MAIL", "RCPT", "DATA", "END-OF-MESSAGE"]
 
@@ -45,7 +47,8 @@ def log_reject(
     ``queue_id`` is given once the message has a queue file, as Postfix
     names it instead of ``NOQUEUE``.
     """
-    helo = session.helo.decode("utf-8", "replace") if session.helo else None
+    helo = escape(session.helo.decode("utf-8", "replace")) if session.helo else None
+    sender, recipient = _escaped(sender), _escaped(recipient)
     proto = "ESMTP" if session.esmtp else "SMTP"
     _log.info(
         _FORMAT,
@@ -54,13 +57,17 @@ def log_reject(
         client_ip=session.client_ip,
         code=code,
         enhanced=enhanced,
-        text=" ".join(text.splitlines()),
+        text=escape(" ".join(text.splitlines())),
         sender=sender,
         recipient=recipient,
         helo=helo,
         proto=proto,
         details=_details(sender, recipient, proto, helo),
     )
+
+
+def _escaped(text: str | None) -> str | None:
+    return None if text is None else escape(text)
 
 
 def _details(sender: str | None, recipient: str | None, proto: str, helo: str | None) -> str:

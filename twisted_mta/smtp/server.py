@@ -19,7 +19,9 @@ avatars, ``validateFrom`` / ``validateTo`` / ``receivedHeader``,
   RFC 2034, and the 354, which has no class in RFC 3463); errors raised by
   validators or messages are answered whatever their ``resp`` type (S11);
   malformed input gets a reply, never a dropped connection (S8);
-* limits: message size, recipients, connections, errors, idle time.
+* limits: message size, recipients, connections, errors, idle time,
+  commands that make no progress; and Postfix's stress mode: while the
+  connections near their limit, sessions get less time and less chatter.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from twisted_mta.smtp.logline import Stage, log_reject
 from twisted_mta.smtp.modes import AUTH, CLOSED, COMMAND, DATA
 from twisted_mta.smtp.policy import ITransactionDelivery, Session
 from twisted_mta.smtp.sasl import SaslMixin
+from twisted_mta.smtp.text import escape
 
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, including the CRLF
 MAX_AUTH_LINE = 12288  # RFC 4954 4
@@ -66,6 +69,10 @@ _MESSAGE_FAULTS = {
     TOO_BIG: (552, "5.3.4", "Error: message exceeds fixed maximum message size"),
     TOO_MANY_HOPS: (554, "5.4.6", "Error: too many hops (mail loop?); message refused"),
 }
+# Commands that make no progress; with refused ones, they are junk.
+_JUNK_VERBS = frozenset({b"NOOP", b"RSET", b"VRFY", b"HELP"})
+# Above this share of max_connections, the server is under stress.
+STRESS_SHARE = 0.8
 # How long a closing connection may wait for the client to take our last
 # reply and, on TLS, to answer close_notify, before it is cut.
 CLOSE_GRACE = 1.0
@@ -86,22 +93,33 @@ class ServerSettings:
     auth_requires_tls: bool = True
     max_auth_failures: int = 3
     max_hops: int = 0
+    max_junk_commands: int = 100
+    stress_idle_timeout: float = 10.0
+    stress_max_junk_commands: int = 3
 
 
 @dataclass
 class ConnectionLimits:
-    """Counts open connections, in total and per client address."""
+    """Counts open connections, in total and per client address.
+
+    It also tells whether the server is under stress: more than
+    ``STRESS_SHARE`` of ``max_total`` connections open.  Sessions then use
+    their stress limits, as Postfix's smtpd does, so that connections that
+    make no progress give way to clients that have mail to send.
+    """
 
     max_total: int
     max_per_ip: int
     total: int = 0
     per_ip: dict[str, int] = field(default_factory=dict)
+    stressed: bool = False
 
     def acquire(self, ip: str) -> bool:
         if self.total >= self.max_total or self.per_ip.get(ip, 0) >= self.max_per_ip:
             return False
         self.total += 1
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        self._check_stress()
         return True
 
     def release(self, ip: str) -> None:
@@ -111,6 +129,16 @@ class ConnectionLimits:
             self.per_ip[ip] = remaining
         else:
             del self.per_ip[ip]
+        self._check_stress()
+
+    def _check_stress(self) -> None:
+        """Follow the stress state; its start and end are logged once."""
+        stressed = self.total > STRESS_SHARE * self.max_total
+        if stressed == self.stressed:
+            return
+        self.stressed = stressed
+        state = "on" if stressed else "off"
+        log.msg(f"stress mode {state}: {self.total} of {self.max_total} connections open")
 
 
 class Sessions:
@@ -209,7 +237,6 @@ class MTAServer(SaslMixin, smtp.ESMTP):
         self.throttle = throttle or AuthThrottle(base_delay=1.0)
         self.clock = clock or reactor
         self.host = settings.hostname.encode("ascii")
-        self.timeout = settings.idle_timeout
         self.session: Session | None = None
         self._mode = COMMAND
         # bytearray: removing a consumed line from the front is O(1).
@@ -220,6 +247,8 @@ class MTAServer(SaslMixin, smtp.ESMTP):
         self._output_blocked = False
         self._skipping_long_line = False
         self._errors = 0
+        self._junk = 0
+        self._junk_verb = False
         self._counted = False
         self._decoder: DataDecoder | None = None
         self._message = None
@@ -331,18 +360,64 @@ class MTAServer(SaslMixin, smtp.ESMTP):
     # -- replies --------------------------------------------------------
 
     def reply(self, code: int, enhanced: str, text: str) -> None:
-        """Send a reply; every line carries the enhanced status code."""
+        """Send a reply; every line carries the enhanced status code.
+
+        Nothing more is said once the session is closing: two limits met
+        by one reply would otherwise both say 421.
+        """
+        if self._mode == CLOSED:
+            return
         lines = text.splitlines() or [""]
         body = "\n".join(f"{enhanced} {line}" for line in lines)
         self.sendCode(code, body.encode("utf-8"))
         if code >= 500:
             self._count_error()
+        self._count_junk(code)
 
     def _count_error(self) -> None:
         self._errors += 1
         if self._errors >= self.settings.max_errors and self._mode != CLOSED:
             self.sendCode(421, b"4.7.0 Too many errors, closing connection")
             self._close()
+
+    def _count_junk(self, code: int) -> None:
+        """Count the replies to junk: to NOOP, RSET, VRFY, HELP, and refusals.
+
+        Our 421s end the session and are not counted.  Like Postfix's
+        ``smtpd_junk_command_limit``, the count starts again once a message
+        is accepted (Postfix's smtpd resets its junk and error counts after
+        a successful DATA), so a client that sends mail is never cut, however
+        many messages it sends in one session.
+        """
+        junk = self._junk_verb or (code >= 400 and code != 421)
+        self._junk_verb = False
+        if not junk or self._mode == CLOSED:
+            return
+        self._junk += 1
+        if self._junk >= self._junk_limit:
+            self.sendCode(421, b"4.7.0 Too many commands without progress, closing connection")
+            self._close()
+
+    # -- stress ---------------------------------------------------------
+
+    @property
+    def timeout(self) -> float:
+        """The idle timeout of the moment: shorter under stress."""
+        if self.limits.stressed:
+            return min(self.settings.stress_idle_timeout, self.settings.idle_timeout)
+        return self.settings.idle_timeout
+
+    @property
+    def _junk_limit(self) -> int:
+        if self.limits.stressed:
+            return min(self.settings.stress_max_junk_commands, self.settings.max_junk_commands)
+        return self.settings.max_junk_commands
+
+    def resetTimeout(self) -> None:
+        """Restart the idle timer, with the timeout of the moment."""
+        if self.timeOut is not None:
+            self.timeOut = self.timeout
+        super().resetTimeout()
 
     def _refuse(self, stage: Stage, reply: tuple[int, str, str], **envelope: str | None) -> None:
         """Answer a refused connection, command or message, and log it.
@@ -381,7 +456,11 @@ class MTAServer(SaslMixin, smtp.ESMTP):
     def dataReceived(self, data: bytes) -> None:
         if self._mode == CLOSED:
             return
-        self.resetTimeout()
+        if not self.limits.stressed or b"\n" in data:
+            # Under stress the timer runs per line, not per read (Postfix's
+            # smtpd_per_record_deadline): a byte now and then keeps no
+            # session open.
+            self.resetTimeout()
         if self._mode == DATA and not self._input and not self._output_blocked:
             # The common case in DATA: decode without copying into _input.
             self._feed_data(data)
@@ -455,17 +534,30 @@ class MTAServer(SaslMixin, smtp.ESMTP):
                 if len(buffer) < limit:
                     return None
                 self._skipping_long_line = True
-                self.reply(500, "5.5.2", "Error: line too long")
+                self._refuse_line("line too long")
                 continue
             line = bytes(buffer[:end])
             del buffer[: end + 1]
             if not line.endswith(b"\r") or b"\r" in line[:-1]:
-                self.reply(500, "5.5.2", "Error: bare CR or LF received; lines end in CRLF")
+                self._refuse_line("bare CR or LF received; lines end in CRLF")
             elif _CONTROL.search(line, 0, len(line) - 1):
-                self.reply(500, "5.5.2", "Error: control character in command")
+                self._refuse_line("control character in command")
             else:
                 return line[:-1]
         return None
+
+    def _refuse_line(self, reason: str) -> None:
+        """Answer a malformed line; one inside AUTH also ends the exchange.
+
+        Going on with the exchange would take the client's next commands
+        for SASL responses (a QUIT as a user name).
+        """
+        if self._mode == AUTH:
+            self._mode = COMMAND
+            self._challenger = None
+            self.reply(501, "5.5.2", f"Error: {reason}; authentication aborted")
+        else:
+            self.reply(500, "5.5.2", f"Error: {reason}")
 
     def _skip_rest_of_line(self) -> bool:
         """Drop input up to the end of an over-long line; True once found."""
@@ -479,6 +571,7 @@ class MTAServer(SaslMixin, smtp.ESMTP):
 
     def _execute(self, line: bytes) -> None:
         verb, _, argument = line.partition(b" ")
+        self._junk_verb = verb.upper() in _JUNK_VERBS
         # lookupMethod would raise on a non-ASCII verb (S8).
         if not verb.isalpha() or not verb.isascii():
             self.reply(500, "5.5.2", "Error: command not recognized")
@@ -700,11 +793,12 @@ class MTAServer(SaslMixin, smtp.ESMTP):
 
     def _message_stored(self, _result, size: int) -> None:
         queue_id = getattr(self.delivery, "queue_id", None) or "-"
+        self._junk = 0
         log.msg(
-            f"id={queue_id} from=<{self._from}> size={size} nrcpt={len(self._to)} "
+            f"id={queue_id} from=<{escape(str(self._from))}> size={size} nrcpt={len(self._to)} "
             f"client=unknown[{self.session.client_ip}] listener={self.settings.listener}"
             + (f" tls={self.session.tls.split()[0]}" if self.session.tls else "")
-            + (f" sasl_username={self.session.user}" if self.session.user else "")
+            + (f" sasl_username={escape(self.session.user)}" if self.session.user else "")
         )
         self.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
@@ -865,7 +959,6 @@ class MTAFactory(smtp.SMTPFactory):
         self.settings = settings
         self.challengers = challengers
         self.domain = settings.hostname.encode("ascii")
-        self.timeout = settings.idle_timeout
 
     def buildProtocol(self, addr) -> MTAServer:
         server = MTAServer(
