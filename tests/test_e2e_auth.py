@@ -3,6 +3,7 @@
 import base64
 import re
 import shutil
+import signal
 import smtplib
 import subprocess
 import time
@@ -442,3 +443,64 @@ def test_failures_slow_down_the_address_across_connections(tmp_path):
     finally:
         daemon.stop()
 
+
+def _auth_plain(client, address, password):
+    """Send AUTH PLAIN; the reply code and the seconds it took."""
+    started = time.monotonic()
+    code, _ = client.docmd("AUTH PLAIN " + base64.b64encode(f"\0{address}\0{password}".encode()).decode())
+    return code, time.monotonic() - started
+
+
+def test_a_success_waits_like_a_failure_and_erases_none(tmp_path):
+    """From an address with two failures, the right password is answered
+    only after the delay a third failure would get (hanging up before then
+    tells nothing); the failures stay, and the third makes the address
+    blocked: 454 4.7.0 at once, without a password check."""
+    extra = EXTRA.replace('"0.05s"', '"0.25s"') + "\n[limits]\nmax_auth_failures_per_ip = 3\n"
+    daemon = make_daemon(tmp_path / "mta", users=users_file(), extra=extra)
+    daemon.start()
+    source = fresh_client_address()
+    try:
+        steps = []
+        for password in ("wrong", "wrong", "dave-pw", "wrong"):
+            with submission(daemon, source) as client:
+                steps.append(_auth_plain(client, "dave@example.test", password))
+        with submission(daemon, source) as client:
+            refused = _auth_plain(client, "dave@example.test", "dave-pw")
+            reply = client.docmd("AUTH LOGIN")
+        with submission(daemon) as client:
+            fresh = _auth_plain(client, "dave@example.test", "dave-pw")
+    finally:
+        daemon.stop()
+    print("from one address: wrong, wrong, right, wrong, right:",
+          [(code, round(seconds, 2)) for code, seconds in steps + [refused]],
+          f"- right from a fresh address: {fresh[1]:.2f} s")
+    assert [code for code, _ in steps] == [535, 535, 235, 535]
+    check = fresh[1]
+    assert steps[2][1] > check + 0.8, "the success waited the delay of a third failure (1 s)"
+    assert steps[3][1] > check + 0.8, "a third failure's delay (1 s), not a first one's (0.25 s)"
+    assert refused[0] == 454 and refused[1] < check + 0.5
+    assert reply[0] == 454 and reply[1].startswith(b"4.7.0")
+    failed = [line for line in daemon.log if f"auth failed: client=[{source}]" in line]
+    assert len(failed) == 3
+    told = [line for line in daemon.log if f"auth refused: client=[{source}]" in line]
+    assert len(told) == 1 and "mechanism=PLAIN: too many authentication failures" in told[0]
+
+
+def test_sighup_applies_max_auth_failures_per_ip(tmp_path):
+    extra = EXTRA + "\n[limits]\nmax_auth_failures_per_ip = 100\n"
+    daemon = make_daemon(tmp_path / "mta", users=users_file(), extra=extra)
+    daemon.start()
+    source = fresh_client_address()
+    try:
+        with submission(daemon, source) as client:
+            assert _auth_plain(client, "dave@example.test", "wrong")[0] == 535
+            assert _auth_plain(client, "dave@example.test", "wrong")[0] == 535
+        daemon.config.write_text(daemon.config.read_text().replace("= 100", "= 2"))
+        seen = len(daemon.log)
+        daemon.process.send_signal(signal.SIGHUP)
+        assert daemon.wait_for(lambda: any("reload: config" in line for line in daemon.log[seen:]))
+        with submission(daemon, source) as client:
+            assert _auth_plain(client, "dave@example.test", "dave-pw")[0] == 454
+    finally:
+        daemon.stop()
