@@ -16,6 +16,7 @@ import ssl
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -116,8 +117,14 @@ def _login_seconds(port: int, source: str) -> float:
     return time.monotonic() - started
 
 
+def _rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
 def test_hang_up_flood_gets_few_checks_and_others_log_in(mta):
     port = mta.ports["submissions"]
+    rss_before = _rss_mib(mta.process.pid)
     attacker, user = fresh_client_address(), fresh_client_address()
     started = time.monotonic()
     guesser = Guesser(port, attacker, started + FLOOD_SECONDS)
@@ -128,6 +135,7 @@ def test_hang_up_flood_gets_few_checks_and_others_log_in(mta):
         logins.append(_login_seconds(port, user))
     flood.join()
     flood_seconds = time.monotonic() - started
+    rss_after = _rss_mib(mta.process.pid)
     checked = [line for line in mta.log if re.search(rf"auth failed: client=\[{re.escape(attacker)}\]", line)]
     allowed = CHECKS_PER_MINUTE * math.ceil(flood_seconds / 60)
     print(
@@ -135,7 +143,8 @@ def test_hang_up_flood_gets_few_checks_and_others_log_in(mta):
         f" {guesser.sent} guesses sent, answers {dict(guesser.answers)};"
         f" {len(checked)} passwords checked (at most {allowed} allowed),"
         f" {guesser.answers['454']} AUTH refused without a check;"
-        f" logins from {user}: {len(logins)}, slowest {max(logins):.2f} s"
+        f" logins from {user}: {len(logins)}, slowest {max(logins):.2f} s;"
+        f" daemon RSS {rss_before:.0f} MiB before, {rss_after:.0f} MiB after"
     )
     assert guesser.sent > 5 * len(checked), "the flood did flood"
     assert 1 <= len(checked) <= allowed
