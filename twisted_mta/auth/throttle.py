@@ -50,7 +50,7 @@ class Refusal(Enum):
 
 @dataclass
 class _Address:
-    failures: deque = field(default_factory=deque)
+    failures: deque[float] = field(default_factory=deque)
     attempts: int = 0
     checking: int = 0
     block_told: bool = False
@@ -58,6 +58,8 @@ class _Address:
 
 @dataclass
 class AuthThrottle:
+    """The AUTH state of every client address, shared by all listeners."""
+
     base_delay: float
     max_failures: int = 10
     _addresses: dict[str, _Address] = field(default_factory=dict)
