@@ -216,7 +216,10 @@ def test_sighup_changes_the_trusted_proxies(start_mta):
     def banner() -> bytes:
         with socket.create_connection(("127.0.0.1", daemon.ports["smtp"]), timeout=10) as sock:
             sock.sendall(header)
-            return sock.makefile("rb").readline()
+            try:
+                return sock.makefile("rb").readline()
+            except ConnectionResetError:  # closed with our header unread
+                return b""
 
     assert banner() == b""  # 127.0.0.1 is not a trusted proxy: closed without a word
     daemon.config.write_text(daemon.config.read_text().replace("127.0.0.2/32", "127.0.0.1/32"))
