@@ -99,7 +99,10 @@ class AuthThrottle:
         self._checks.release()
         failed = isinstance(outcome, Failure) and outcome.check(UnauthorizedLogin) is not None
         delay = self.checked(ip, failed, clock.seconds(), session_failures)
-        clock.callLater(delay, self._answer, ip, outcome, answer)
+        if delay:
+            clock.callLater(delay, self._answer, ip, outcome, answer)
+        else:
+            self._answer(ip, outcome, answer)
 
     def _answer(self, ip: str, outcome, answer: defer.Deferred) -> None:
         self.end(ip)
