@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from itertools import count
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,6 +154,19 @@ class Daemon:
         if not new.is_dir():
             return []
         return [p.read_bytes() for p in sorted(new.iterdir())]
+
+
+_LOOPBACK_HOSTS = count(2)
+
+
+def fresh_client_address() -> str:
+    """A loopback address no other client of this test run has used.
+
+    AUTH failures count per client address across connections; a test
+    whose clients come from their own address starts with a clean slate.
+    """
+    number = next(_LOOPBACK_HOSTS)
+    return f"127.0.{number // 250}.{number % 250 + 2}"
 
 
 def insecure_context() -> ssl.SSLContext:

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bcrypt
 import pytest
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
 
 from twisted_mta.auth.checker import FirstMatch, UsersFileChecker
 from twisted_mta.auth.cram import cram_context, hmac_md5_from_context, md5_resume
@@ -129,9 +132,14 @@ def _result(deferred):
     return results[0]
 
 
+def in_place(function, *args):
+    """Stands in for deferToThread: the checks run at once."""
+    return defer.maybeDeferred(function, *args)
+
+
 def test_users_file_checker_plain_and_cram():
     users = {"alice@example.test": "{PLAIN}pw", "carol@example.test": "{CRAM-MD5}" + DOVEADM_TANSTAAF}
-    checker = UsersFileChecker(lambda: users)
+    checker = UsersFileChecker(lambda: users, in_place)
     assert _result(checker.requestAvatarId(UsernamePassword(b"Alice@Example.Test", b"pw"))) == b"alice@example.test"
     assert _result(checker.requestAvatarId(UsernamePassword(b"alice@example.test", b"no"))).check(UnauthorizedLogin)
     cram = CramMD5("h")
@@ -140,8 +148,8 @@ def test_users_file_checker_plain_and_cram():
 
 
 def test_first_match_tries_each_checker():
-    first = UsersFileChecker(lambda: {"a@x.test": "{PLAIN}one"})
-    second = UsersFileChecker(lambda: {"a@x.test": "{PLAIN}two"})
+    first = UsersFileChecker(lambda: {"a@x.test": "{PLAIN}one"}, in_place)
+    second = UsersFileChecker(lambda: {"a@x.test": "{PLAIN}two"}, in_place)
     checker = FirstMatch([first, second])
     assert _result(checker.requestAvatarId(UsernamePassword(b"a@x.test", b"two"))) == b"a@x.test"
     assert _result(checker.requestAvatarId(UsernamePassword(b"a@x.test", b"three"))).check(UnauthorizedLogin)
@@ -198,3 +206,77 @@ def test_passwd_refuses_bad_input(tmp_path):
     assert _passwd(config, "a@example.test", stdin="\n").returncode == 1
     assert _passwd(config, "a@example.test", "--scheme", "plain", stdin="a:b\n").returncode == 1
     assert not (tmp_path / "users").exists()
+
+
+class CountedVerify:
+    """Counts StoredPassword.verify calls by scheme."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[str] = []
+        real = StoredPassword.verify
+
+        def verify(stored, password):
+            self.calls.append(stored.scheme)
+            return real(stored, password)
+
+        monkeypatch.setattr(StoredPassword, "verify", verify)
+
+
+def _cheap_bcrypt(password: bytes) -> str:
+    return "{BLF-CRYPT}" + bcrypt.hashpw(password, bcrypt.gensalt(rounds=4)).decode("ascii")
+
+
+@pytest.mark.parametrize("login,password,expected", [
+    ("nobody@x.test", b"pw", ["BLF-CRYPT"]),
+    ("plain@x.test", b"pw", ["BLF-CRYPT", "PLAIN"]),
+    ("cram@x.test", b"pw", ["BLF-CRYPT", "CRAM-MD5"]),
+    ("slow@x.test", b"pw", ["BLF-CRYPT"]),
+])
+def test_every_check_costs_the_slowest_hash_once(monkeypatch, login, password, expected):
+    users = {
+        "plain@x.test": "{PLAIN}secret",
+        "cram@x.test": hash_password("cram-md5", "secret"),
+        "slow@x.test": _cheap_bcrypt(b"secret"),
+    }
+    counted = CountedVerify(monkeypatch)
+    checker = FirstMatch([UsersFileChecker(lambda: users, in_place)])
+    assert _result(checker.requestAvatarId(UsernamePassword(login.encode(), password))).check(UnauthorizedLogin)
+    assert counted.calls == expected
+
+
+def test_the_padding_is_the_slowest_kind_of_hash(monkeypatch):
+    users = {
+        "fast@x.test": _cheap_bcrypt(b"a"),
+        "slow@x.test": "{BLF-CRYPT}" + bcrypt.hashpw(b"b", bcrypt.gensalt(rounds=8)).decode(),
+    }
+    checker = UsersFileChecker(lambda: users, in_place)
+    seen: list[str] = []
+    real = StoredPassword.verify
+    monkeypatch.setattr(StoredPassword, "verify", lambda s, p: seen.append(s.data[:7]) or real(s, p))
+    _result(checker.requestAvatarId(UsernamePassword(b"nobody@x.test", b"x")))
+    assert seen[-1] == "$2b$08$"
+
+
+def str_keyed(users: dict[str, str]) -> InMemoryUsernamePasswordDatabaseDontUse:
+    """Like strcred's "memory" checker: str names and passwords."""
+    checker = InMemoryUsernamePasswordDatabaseDontUse()
+    checker.users = dict(users)
+    return checker
+
+
+def test_strcred_checkers_are_asked_in_both_forms_ours_once():
+    memory = str_keyed({"eve@x.test": "eve-pw"})
+    ours = UsersFileChecker(lambda: {"a@x.test": "{PLAIN}pw"}, in_place)
+    checker = FirstMatch([ours, memory])
+    assert _result(checker.requestAvatarId(UsernamePassword(b"eve@x.test", b"eve-pw"))) == "eve@x.test"
+
+
+def test_invalid_utf8_never_matches_a_stored_replacement_character():
+    ours = UsersFileChecker(lambda: {"a@x.test": "{PLAIN}p\ufffdss"}, in_place)
+    memory = str_keyed({"b@x.test": "p\ufffdss"})
+    checker = FirstMatch([ours, memory])
+    for login in ("a@x.test", "b@x.test"):
+        wrong = _result(checker.requestAvatarId(UsernamePassword(login.encode(), b"p\xffss")))
+        assert wrong.check(UnauthorizedLogin), login
+        right = _result(checker.requestAvatarId(UsernamePassword(login.encode(), "p\ufffdss".encode())))
+        assert right in (login, login.encode())

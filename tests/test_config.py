@@ -160,6 +160,7 @@ def test_embedded_relay_queue_and_limit_defaults() -> None:
     assert limits.max_connections_per_ip == 20
     assert limits.idle_timeout == 300
     assert limits.max_auth_failures == 3
+    assert limits.max_auth_failures_per_ip == 10
     assert limits.max_hops == 50
     assert limits.max_errors == 10
     assert limits.max_junk_commands == 100

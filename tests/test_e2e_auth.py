@@ -3,6 +3,7 @@
 import base64
 import re
 import shutil
+import signal
 import smtplib
 import subprocess
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import insecure_context, make_daemon
+from daemon import fresh_client_address, insecure_context, make_daemon
 from twisted_mta.auth.passwords import hash_password
 
 PASSWORDS = {
@@ -47,8 +48,9 @@ def mta(tmp_path_factory):
     daemon.stop()
 
 
-def submission(mta):
-    client = mta.smtp("submission")
+def submission(mta, source=None):
+    """A session inside TLS, from ``source`` or else a fresh address."""
+    client = mta.smtp("submission", source_address=(source or fresh_client_address(), 0))
     client.ehlo("client.example.org")
     client.starttls(context=insecure_context())
     client.ehlo("client.example.org")
@@ -179,7 +181,8 @@ def test_garbage_inside_login_exchange(mta):
 
 
 def test_failures_get_535_then_421_and_close(mta):
-    with submission(mta) as client:
+    source = fresh_client_address()
+    with submission(mta, source) as client:
         client.user, client.password = "dave@example.test", "wrong"
         for _ in range(2):
             code, text = client.docmd("AUTH PLAIN " + base64.b64encode(b"\0dave@example.test\0wrong").decode())
@@ -189,7 +192,9 @@ def test_failures_get_535_then_421_and_close(mta):
         assert client.getreply()[0] == 421
         with pytest.raises(smtplib.SMTPServerDisconnected):
             client.noop()
-    line = mta.wait_for_log(r"auth failed: client=\[127\.0\.0\.1\] mechanism=PLAIN user=dave@example\.test")
+    line = mta.wait_for_log(
+        rf"auth failed: client=\[{re.escape(source)}\] mechanism=PLAIN user=dave@example\.test"
+    )
     assert "wrong" not in line
 
 
@@ -249,10 +254,20 @@ def _login_time(mta, address, password):
         return time.monotonic() - started
 
 
-def test_unknown_users_take_as_long_as_known_ones(mta):
-    known = min(_login_time(mta, "alice@example.test", "wrong") for _ in range(2))
-    unknown = min(_login_time(mta, "nobody@example.test", "wrong") for _ in range(2))
-    assert known / 10 < unknown < known * 10
+def test_unknown_users_cost_as_much_as_the_slowest_accounts(mta):
+    """A wrong password for an unknown user, a {CRAM-MD5} or a {PLAIN}
+    account takes as long as for a bcrypt account (this file's slowest
+    hash); without padding the first three answer in a fraction of it.
+    Each guess comes from a fresh address, so the delays are all the same."""
+    timings = {
+        address: min(_login_time(mta, address, "wrong") for _ in range(3))
+        for address in ("bob@example.test", "nobody@example.test", "carol@example.test",
+                        "dave@example.test")
+    }
+    print("wrong password, seconds to answer:", {a: round(t, 3) for a, t in timings.items()})
+    slowest = timings.pop("bob@example.test")
+    for address, seconds in timings.items():
+        assert 0.6 < seconds / slowest < 1.6, (address, seconds, slowest)
 
 
 def test_slow_hash_does_not_block_other_sessions(mta):
@@ -415,13 +430,77 @@ def test_failures_slow_down_the_address_across_connections(tmp_path):
     daemon = make_daemon(tmp_path / "mta", extra=EXTRA.replace('"0.05s"', '"0.2s"'))
     daemon.start()
     wrong = "AUTH PLAIN " + base64.b64encode(b"\0nobody@example.test\0x").decode()
+    source = fresh_client_address()
     try:
         durations = []
         for _ in range(3):
-            with submission(daemon) as client:
+            with submission(daemon, source) as client:
                 started = time.monotonic()
                 assert client.docmd(wrong)[0] == 535
                 durations.append(time.monotonic() - started)
-        assert durations[0] < 0.6 < durations[2]
+        # Answers after 0.2 s, 0.4 s and 0.8 s, plus each check's own time.
+        assert durations[2] > durations[0] + 0.4, durations
+    finally:
+        daemon.stop()
+
+
+def _auth_plain(client, address, password):
+    """Send AUTH PLAIN; the reply code and the seconds it took."""
+    started = time.monotonic()
+    code, _ = client.docmd("AUTH PLAIN " + base64.b64encode(f"\0{address}\0{password}".encode()).decode())
+    return code, time.monotonic() - started
+
+
+def test_a_success_waits_like_a_failure_and_erases_none(tmp_path):
+    """From an address with two failures, the right password is answered
+    only after the delay a third failure would get (hanging up before then
+    tells nothing); the failures stay, and the third makes the address
+    blocked: 454 4.7.0 at once, without a password check."""
+    extra = EXTRA.replace('"0.05s"', '"0.25s"') + "\n[limits]\nmax_auth_failures_per_ip = 3\n"
+    daemon = make_daemon(tmp_path / "mta", users=users_file(), extra=extra)
+    daemon.start()
+    source = fresh_client_address()
+    try:
+        steps = []
+        for password in ("wrong", "wrong", "dave-pw", "wrong"):
+            with submission(daemon, source) as client:
+                steps.append(_auth_plain(client, "dave@example.test", password))
+        with submission(daemon, source) as client:
+            refused = _auth_plain(client, "dave@example.test", "dave-pw")
+            reply = client.docmd("AUTH LOGIN")
+        with submission(daemon) as client:
+            fresh = _auth_plain(client, "dave@example.test", "dave-pw")
+    finally:
+        daemon.stop()
+    print("from one address: wrong, wrong, right, wrong, right:",
+          [(code, round(seconds, 2)) for code, seconds in steps + [refused]],
+          f"- right from a fresh address: {fresh[1]:.2f} s")
+    assert [code for code, _ in steps] == [535, 535, 235, 535]
+    check = fresh[1]
+    assert steps[2][1] > check + 0.8, "the success waited the delay of a third failure (1 s)"
+    assert steps[3][1] > check + 0.8, "a third failure's delay (1 s), not a first one's (0.25 s)"
+    assert refused[0] == 454 and refused[1] < check + 0.5
+    assert reply[0] == 454 and reply[1].startswith(b"4.7.0")
+    failed = [line for line in daemon.log if f"auth failed: client=[{source}]" in line]
+    assert len(failed) == 3
+    told = [line for line in daemon.log if f"auth refused: client=[{source}]" in line]
+    assert len(told) == 1 and "mechanism=PLAIN: too many authentication failures" in told[0]
+
+
+def test_sighup_applies_max_auth_failures_per_ip(tmp_path):
+    extra = EXTRA + "\n[limits]\nmax_auth_failures_per_ip = 100\n"
+    daemon = make_daemon(tmp_path / "mta", users=users_file(), extra=extra)
+    daemon.start()
+    source = fresh_client_address()
+    try:
+        with submission(daemon, source) as client:
+            assert _auth_plain(client, "dave@example.test", "wrong")[0] == 535
+            assert _auth_plain(client, "dave@example.test", "wrong")[0] == 535
+        daemon.config.write_text(daemon.config.read_text().replace("= 100", "= 2"))
+        seen = len(daemon.log)
+        daemon.process.send_signal(signal.SIGHUP)
+        assert daemon.wait_for(lambda: any("reload: config" in line for line in daemon.log[seen:]))
+        with submission(daemon, source) as client:
+            assert _auth_plain(client, "dave@example.test", "dave-pw")[0] == 454
     finally:
         daemon.stop()

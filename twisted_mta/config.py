@@ -158,6 +158,7 @@ class LimitsConfig:
     max_connections_per_ip: int
     idle_timeout: float
     max_auth_failures: int
+    max_auth_failures_per_ip: int
     max_hops: int
     max_errors: int
     shutdown_timeout: float
@@ -273,6 +274,7 @@ _DEFAULTS: dict[str, Any] = {
         "max_connections_per_ip": 20,
         "idle_timeout": "5m",
         "max_auth_failures": 3,
+        "max_auth_failures_per_ip": 10,
         "max_hops": 50,
         "max_errors": 10,
         "shutdown_timeout": "30s",
@@ -474,6 +476,7 @@ def _parsers(base: Path, check_files: bool) -> dict[str, dict[str, _Parser]]:
             "max_connections_per_ip": _count,
             "idle_timeout": _positive_duration,
             "max_auth_failures": _count,
+            "max_auth_failures_per_ip": _count,
             "max_hops": _count,
             "max_errors": _count,
             "shutdown_timeout": parse_duration,

@@ -112,7 +112,9 @@ class MTAService(service.MultiService):
         self.limits = ConnectionLimits(
             config.limits.max_connections, config.limits.max_connections_per_ip
         )
-        self.throttle = AuthThrottle(config.auth.failure_delay)
+        self.throttle = AuthThrottle(
+            config.auth.failure_delay, config.limits.max_auth_failures_per_ip
+        )
         self.sessions = Sessions()
         intake = _intake(config, self.spool, self.checkers)
         self.listeners = service.MultiService()
@@ -249,6 +251,7 @@ class MTAService(service.MultiService):
         self.limits.max_total = config.limits.max_connections
         self.limits.max_per_ip = config.limits.max_connections_per_ip
         self.throttle.base_delay = config.auth.failure_delay
+        self.throttle.max_failures = config.limits.max_auth_failures_per_ip
         self.maildrop.system = intake.system
         self.scheduler.policy = _queue_policy(config)
         self.scheduler.report = dsn_reporter(intake.system, self.store, config.queue.lifetime)

@@ -4,12 +4,17 @@ It verifies PLAIN and LOGIN logins (``IUsernamePassword``) against every
 scheme of the file, and CRAM-MD5 logins (``IUsernameHashedPassword``
 carrying a challenge and a response) against ``{CRAM-MD5}`` contexts and
 ``{PLAIN}`` passwords.  Slow hashes are checked in Twisted's thread pool so
-one login cannot stall other sessions; an unknown user costs the same
-argon2 work as a known one.
+one login cannot stall other sessions.
+
+A PLAIN or LOGIN check costs the same whoever the user: an unknown user,
+or one stored as ``{CRAM-MD5}`` or ``{PLAIN}``, costs a check of the
+slowest hash in the file, so timing tells none of them from an account
+with that hash.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -20,36 +25,74 @@ from twisted.internet import defer, threads
 from zope.interface import directlyProvides, implementer, providedBy
 
 from twisted_mta.delivery.directory import Directory
-from twisted_mta.auth.passwords import StoredPassword, UnknownScheme, dummy_verify
+from twisted_mta.auth.passwords import StoredPassword, UnknownScheme, slowest
 
 
 @implementer(ICredentialsChecker)
 class UsersFileChecker:
     credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
 
-    def __init__(self, users: Callable[[], Mapping[str, str]]) -> None:
+    def __init__(
+        self,
+        users: Callable[[], Mapping[str, str]],
+        in_thread: Callable[..., defer.Deferred] = threads.deferToThread,
+    ) -> None:
         self._users = users
+        self._in_thread = in_thread
+        self._padding = _Padding()
 
     def requestAvatarId(self, credentials) -> defer.Deferred:
+        users = self._users()
         login = _text(credentials.username).lower()
-        stored = self._stored(login)
+        stored = _stored(users, login)
         if hasattr(credentials, "check_context"):
             context = stored.cram_context() if stored else None
             if context is not None and credentials.check_context(context):
                 return defer.succeed(login.encode("utf-8"))
             return defer.fail(UnauthorizedLogin())
-        if stored is None:
-            d = threads.deferToThread(dummy_verify, _bytes(credentials.password))
-            d.addCallback(lambda _: False)
-        elif stored.is_slow:
-            d = threads.deferToThread(stored.verify, _bytes(credentials.password))
+        password = _bytes(credentials.password)
+        if stored is not None and stored.is_slow:
+            d = self._in_thread(stored.verify, password)
         else:
-            d = defer.succeed(stored.verify(_bytes(credentials.password)))
+            d = self._in_thread(self._padded_verify, users, stored, password)
         return d.addCallback(_avatar_or_refusal, login)
 
-    def _stored(self, login: str) -> StoredPassword | None:
-        field = self._users().get(login)
-        return None if field is None else _parse(field)
+    def _padded_verify(
+        self, users: Mapping[str, str], stored: StoredPassword | None, password: bytes
+    ) -> bool:
+        padding = self._padding.of(users)
+        if padding is not None:
+            padding.verify(password)
+        return stored is not None and stored.verify(password)
+
+
+class _Padding:
+    """The slowest hash of the users file, found again when it changes.
+
+    Used from the thread pool; timing the kinds of hash is done once for
+    each set of kinds the file holds.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users: Mapping[str, str] | None = None
+        self._kinds: frozenset[str] = frozenset()
+        self._slowest: StoredPassword | None = None
+
+    def of(self, users: Mapping[str, str]) -> StoredPassword | None:
+        with self._lock:
+            if users is not self._users:
+                stored = [s for field in users.values() if (s := _parse(field)) and s.is_slow]
+                kinds = frozenset(s.cost for s in stored)
+                if kinds != self._kinds:
+                    self._kinds, self._slowest = kinds, slowest(stored)
+                self._users = users
+            return self._slowest
+
+
+def _stored(users: Mapping[str, str], login: str) -> StoredPassword | None:
+    field = users.get(login)
+    return None if field is None else _parse(field)
 
 
 def _parse(field: str) -> StoredPassword | None:
@@ -60,7 +103,7 @@ def _parse(field: str) -> StoredPassword | None:
 
 
 def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
 def _bytes(value: bytes | str) -> bytes:
@@ -97,17 +140,30 @@ class FirstMatch:
 
     @defer.inlineCallbacks
     def _try(self, candidates, credentials):
-        text = _TextCredentials(credentials)
+        forms = _forms(credentials)
         for checker in candidates:
             # strcred's checkers disagree on types: "file" keys its users by
-            # bytes, "memory" by str; each gets both forms to look at.
-            for form in (credentials, text):
+            # bytes, "memory" by str; each gets both forms to look at.  Ours
+            # takes bytes, and is asked once: its check is the slow hash.
+            for form in (credentials,) if isinstance(checker, UsersFileChecker) else forms:
                 try:
                     avatar = yield defer.maybeDeferred(checker.requestAvatarId, form)
                 except UnauthorizedLogin:
                     continue
                 return avatar
         raise UnauthorizedLogin()
+
+
+def _forms(credentials) -> tuple:
+    """The credentials, and their str form if they are valid UTF-8.
+
+    Invalid UTF-8 has no str form: decoding it leniently would let a
+    password holding U+FFFD match any invalid byte.
+    """
+    try:
+        return credentials, _TextCredentials(credentials)
+    except UnicodeDecodeError:
+        return (credentials,)
 
 
 class _TextCredentials:

@@ -2,14 +2,17 @@
 
 ``{ARGON2ID}`` (argon2-cffi), ``{BLF-CRYPT}`` (bcrypt; ``$2y$``, ``$2b$``
 and ``$2a$``), ``{CRAM-MD5}`` (the HMAC-MD5 context, see ``cram``) and
-``{PLAIN}``.  Every comparison is constant-time.  Argon2 and bcrypt are
-slow on purpose; callers run ``verify`` in a thread.
+``{PLAIN}``.  Every comparison is constant-time and byte-exact (a password
+is never decoded before it is compared).  Argon2 and bcrypt are slow on
+purpose; callers run ``verify`` in a thread.
 """
 
 from __future__ import annotations
 
 import hmac
 import re
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import bcrypt
@@ -45,6 +48,16 @@ class StoredPassword:
     @property
     def is_slow(self) -> bool:
         return self.scheme in ("ARGON2ID", "BLF-CRYPT")
+
+    @property
+    def cost(self) -> str:
+        """What decides how long ``verify`` takes: the scheme and its
+        parameters (bcrypt's rounds, argon2's version, memory, time and lanes)."""
+        if self.scheme == "BLF-CRYPT":
+            return "BLF-CRYPT$" + self.data[4:6]
+        if self.scheme == "ARGON2ID":
+            return "ARGON2ID" + self.data.rsplit("$", 2)[0]
+        return self.scheme
 
     def cram_context(self) -> str | None:
         """The HMAC-MD5 context CRAM-MD5 needs, if this scheme keeps one."""
@@ -99,9 +112,19 @@ def hash_password(scheme: str, password: str) -> str:
     raise UnknownScheme(scheme)
 
 
-def dummy_verify(password: bytes) -> None:
-    """Spend the time of a real slow check, for unknown users."""
-    _verify_argon2(_DUMMY, password)
+def slowest(stored: Iterable[StoredPassword]) -> StoredPassword | None:
+    """The slow hash among ``stored`` that takes longest to verify.
+
+    Each kind of cost is timed once; a wrong password against the result
+    costs what a check of the slowest account costs.  Run it in a thread.
+    """
+    kinds = {password.cost: password for password in stored if password.is_slow}
+    if len(kinds) < 2:
+        return next(iter(kinds.values()), None)
+    return max(kinds.values(), key=_verify_time)
 
 
-_DUMMY = _argon2.hash(b"not a real password")
+def _verify_time(stored: StoredPassword) -> float:
+    started = time.perf_counter()
+    stored.verify(b"\0not the password\0")
+    return time.perf_counter() - started
