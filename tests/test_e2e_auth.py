@@ -311,6 +311,20 @@ def test_concurrent_logins_are_not_serialised(mta):
     assert min(ratios) < 1.6, ratios
 
 
+def test_many_logins_at_once_from_one_clean_address_all_succeed(mta):
+    """A webmail logging several users in at once is not a guesser."""
+    command = b"AUTH PLAIN " + base64.b64encode(b"\0bob@example.test\0bob-pw") + b"\r\n"
+    source = fresh_client_address()
+    clients = [submission(mta, source) for _ in range(5)]
+    try:
+        for client in clients:
+            client.send(command)
+        assert [client.getreply()[0] for client in clients] == [235] * 5
+    finally:
+        for client in clients:
+            client.close()
+
+
 def test_received_header_names_user_only_when_configured(mta):
     with submission(mta) as client:
         client.login("dave@example.test", "dave-pw")

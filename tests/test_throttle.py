@@ -88,8 +88,9 @@ def test_checks_under_way_count_towards_the_block():
     assert throttle.refusal(IP, 1.0) is None
 
 
-def test_an_address_has_at_most_its_share_of_attempts():
+def test_an_address_that_failed_has_at_most_its_share_of_attempts():
     throttle = AuthThrottle(base_delay=1.0)
+    fail(throttle, IP, now=0.0)
     for _ in range(PER_ADDRESS):
         throttle.begin(IP, 0.0)
     assert throttle.refusal(IP, 0.0) is Refusal.BUSY
@@ -159,9 +160,17 @@ def test_at_most_CHECKS_run_at_once_and_the_rest_wait_in_turn():
     assert len(checks.started) == CHECKS
 
 
+def test_an_address_without_failures_may_log_in_many_at_once():
+    throttle = AuthThrottle(base_delay=1.0)
+    for _ in range(PER_ADDRESS * 3):
+        throttle.begin(IP, 0.0)
+    assert throttle.refusal(IP, 0.0) is None
+
+
 def test_a_waiting_check_withdrawn_never_runs_and_frees_its_place():
     clock, checks = task.Clock(), Checks()
     throttle = AuthThrottle(base_delay=1.0)
+    fail(throttle, IP, now=0.0)
     for n in range(CHECKS):
         throttle.attempt(f"192.0.2.{n + 10}", checks.check, clock)
     waiting = throttle.attempt(IP, checks.check, clock)

@@ -10,10 +10,12 @@ owns must not reset the count).  From them follow:
   n being its failures before this attempt;
 * the block: with ``max_failures`` failures (counting checks still
   running) AUTH is refused at once, without a password check;
-* the share of checks: an address has at most ``PER_ADDRESS`` attempts
-  queued, checked or waiting for their answer.  An attempt holds its place
-  until its answer is due, whether or not the client is still there, so
-  reconnecting does not buy more checks;
+* the share of checks: an address with recent failures has at most
+  ``PER_ADDRESS`` attempts queued, checked or waiting for their answer.
+  An attempt holds its place until its answer is due, whether or not the
+  client is still there, so reconnecting does not buy more checks.  An
+  address without failures is not held back (a webmail logging several
+  users in at once), beyond the block counting its checks under way;
 * the pool: at most ``CHECKS`` password checks run at once, the others
   wait in turn.  A client that goes away withdraws its waiting check; one
   that has started still counts.
@@ -118,9 +120,10 @@ class AuthThrottle:
         state = self._addresses.get(ip)
         if state is None:
             return None
-        if self._recent(state, now) + state.checking >= self.max_failures:
+        recent = self._recent(state, now)
+        if recent + state.checking >= self.max_failures:
             return Refusal.BLOCKED
-        if state.attempts >= PER_ADDRESS:
+        if recent and state.attempts >= PER_ADDRESS:
             return Refusal.BUSY
         return None
 
