@@ -8,13 +8,12 @@ import os
 import stat
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import ALIASES, USERS
-from daemon import TWISTD, Daemon, make_daemon
+from daemon import Daemon, make_daemon
 from test_committer import ThreadReactor
 from twisted.internet import task
 

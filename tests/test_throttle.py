@@ -203,7 +203,7 @@ def test_hanging_up_does_not_speed_up_guessing():
     """A client that hangs up as soon as it has sent each guess, over as
     many connections as it likes, for an hour: never more than
     max_failures checks in any 15 minutes, none after the block."""
-    clock, checks = task.Clock(), Checks()
+    clock = task.Clock()
     throttle = AuthThrottle(base_delay=1.0, max_failures=10)
     checked_at: list[float] = []
 

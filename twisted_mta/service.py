@@ -125,9 +125,8 @@ class MTAService(service.MultiService):
         self.queue.setServiceParent(self)
         self.maildrop = MaildropService(config.maildrop_dir, intake.system, reactor)
         self.maildrop.setServiceParent(self.queue)
-        self.router = Router(
-            reactor, make_resolver(config.relay.resolvers), config.hostname, config.relay, self.store
-        )
+        resolver = make_resolver(config.relay.resolvers)
+        self.router = Router(reactor, resolver, config.hostname, config.relay, self.store)
         self.router.setServiceParent(self.queue)
         self.scheduler = Scheduler(
             self.store,

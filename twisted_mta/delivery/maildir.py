@@ -136,7 +136,8 @@ def _sweep(tmp: Path, cutoff: float) -> int:
         if not _OUR_TEMPORARY.fullmatch(entry.name):
             continue
         try:
-            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+            stale = entry.stat(follow_symlinks=False).st_mtime < cutoff
+            if entry.is_file(follow_symlinks=False) and stale:
                 os.unlink(entry.path)
                 removed += 1
         except FileNotFoundError:

@@ -355,7 +355,9 @@ class Scheduler(service.Service):
         d.addErrback(log.err, f"id={message.id} delay warning not sent")
 
 
-def _apply(state: RecipientState, outcome: Outcome, now: float, expired: bool, policy: Policy) -> None:
+def _apply(
+    state: RecipientState, outcome: Outcome, now: float, expired: bool, policy: Policy
+) -> None:
     state.attempts += 1
     state.last_attempt = now
     state.remote = outcome.remote

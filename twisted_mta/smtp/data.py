@@ -11,8 +11,8 @@ body can never be read as commands.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 MAX_LINE = 998  # RFC 5321 4.5.3.1.6, without the CRLF

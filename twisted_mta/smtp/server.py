@@ -269,9 +269,8 @@ class MTAServer(SaslMixin, smtp.ESMTP):
             self._say_shutting_down()
             return
         if not self.limits.acquire(ip):
-            self._refuse(
-                "CONNECT", (421, "4.7.0", f"{self.settings.hostname} Too many connections, try later")
-            )
+            refusal = (421, "4.7.0", f"{self.settings.hostname} Too many connections, try later")
+            self._refuse("CONNECT", refusal)
             self._close()
             return
         self._counted = True
@@ -313,7 +312,8 @@ class MTAServer(SaslMixin, smtp.ESMTP):
         self._process()
 
     def _say_shutting_down(self) -> None:
-        self.reply(421, "4.3.2", f"{self.settings.hostname} Service shutting down, closing connection")
+        text = f"{self.settings.hostname} Service shutting down, closing connection"
+        self.reply(421, "4.3.2", text)
         self._close()
 
     def timeoutConnection(self) -> None:
@@ -419,15 +419,17 @@ class MTAServer(SaslMixin, smtp.ESMTP):
             self.timeOut = self.timeout
         super().resetTimeout()
 
-    def _refuse(self, stage: Stage, reply: tuple[int, str, str], **envelope: str | None) -> None:
+    def _refuse(self, stage: Stage, reply: tuple[int, str, str], **envelope: object) -> None:
         """Answer a refused connection, command or message, and log it.
 
-        ``envelope``: the sender, recipient and queue id known so far.
+        ``envelope``: the sender, recipient and queue id known so far, as
+        text or as addresses, written out only when a refusal is logged.
         """
         self.reply(*reply)
-        log_reject(self.session, stage, *reply, **envelope)
+        known = {key: None if value is None else str(value) for key, value in envelope.items()}
+        log_reject(self.session, stage, *reply, **known)
 
-    def _refuse_failure(self, failure: Failure, stage: Stage, **envelope: str | None) -> None:
+    def _refuse_failure(self, failure: Failure, stage: Stage, **envelope: object) -> None:
         self._refuse(stage, self._failure_reply(failure), **envelope)
 
     def _reply_failure(self, failure: Failure) -> None:
@@ -669,7 +671,7 @@ class MTAServer(SaslMixin, smtp.ESMTP):
             return self.reply(error.code, error.enhanced, error.text)
         d = defer.maybeDeferred(self.validateFrom, self._helo, command.sender)
         d.addCallback(self._sender_accepted, command)
-        d.addErrback(self._refuse_failure, "MAIL", sender=str(command.sender))
+        d.addErrback(self._refuse_failure, "MAIL", sender=command.sender)
         return d
 
     def _sender_accepted(self, sender, command) -> None:
@@ -710,9 +712,7 @@ class MTAServer(SaslMixin, smtp.ESMTP):
         user = RcptUser(command.recipient, self._helo, self, self._from)
         d = defer.maybeDeferred(self.validateTo, user)
         d.addCallback(self._recipient_accepted, user)
-        d.addErrback(
-            self._refuse_failure, "RCPT", sender=str(self._from), recipient=str(command.recipient)
-        )
+        d.addErrback(self._refuse_failure, "RCPT", sender=self._from, recipient=command.recipient)
         return d
 
     def _recipient_accepted(self, factory: Callable, user: RcptUser) -> None:
@@ -786,10 +786,10 @@ class MTAServer(SaslMixin, smtp.ESMTP):
         queue_id = getattr(self.delivery, "queue_id", None)
         self._refuse("END-OF-MESSAGE", reply, queue_id=queue_id, **self._envelope())
 
-    def _envelope(self) -> dict[str, str | None]:
+    def _envelope(self) -> dict[str, object]:
         """The sender and the first recipient, as Postfix logs them after RCPT."""
-        first = str(self._to[0][0].dest) if self._to else None
-        return {"sender": str(self._from), "recipient": first}
+        first = self._to[0][0].dest if self._to else None
+        return {"sender": self._from, "recipient": first}
 
     def _message_stored(self, _result, size: int) -> None:
         queue_id = getattr(self.delivery, "queue_id", None) or "-"
