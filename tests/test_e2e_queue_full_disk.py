@@ -12,22 +12,16 @@ from __future__ import annotations
 import errno
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from daemon import make_daemon, send
 from test_e2e_delivery import tmpfs
+from test_queue_cli import CLI, UNROUTABLE
 
-TWISTED_MTA = str(Path(sys.executable).with_name("twisted-mta"))
-EXTRA = """
-[relay]
-smarthost = "127.0.0.1:1"
-smarthost_tls = "none"
-[queue]
-retry_min = "1s"
-retry_max = "1h"
-"""
+# The same unreachable smart host, retried after 1 s and doubling, so the
+# backoff shows within seconds.
+EXTRA = UNROUTABLE.replace('"1h"', '"1s"').replace('"2h"', '"1h"')
 
 
 def fill(folder: Path) -> Path:
@@ -44,7 +38,7 @@ def fill(folder: Path) -> Path:
 
 def queue_command(daemon, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [TWISTED_MTA, "queue", *args, "--config", str(daemon.config)],
+        [CLI, "queue", *args, "--config", str(daemon.config)],
         capture_output=True, text=True, timeout=60,
     )
 

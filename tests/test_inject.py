@@ -26,7 +26,7 @@ from twisted_mta.queue.spool import Spool, StorageError
 from twisted_mta.queue.store import QueuedMessage, QueueStore, RecipientState
 from twisted_mta.relay.dsn import RecipientFailure
 from twisted_mta.smtp.address import PathError
-from twisted_mta.smtp.policy import MailSystem
+from twisted_mta.smtp.policy import MailSystem, Refusal
 
 HOST = "mx.example.test"
 USERS = "alice@example.test:{PLAIN}a\nbob@example.test:{PLAIN}b\n"
@@ -234,6 +234,18 @@ def test_storage_failure_fails_the_injection(system, reactor, tmp_path):
     failure = run(reactor, inject(broken, "bob@example.test", ["alice@example.test"], MESSAGE,
                                   origin=SENDMAIL))
     assert failure.check(StorageError)
+
+
+def test_an_unreadable_users_file_fails_the_injection_without_a_bounce(system, reactor):
+    """A temporary lookup failure: the drop is tried again, nobody is told
+    their mail failed."""
+    users = system.directory.users_file
+    users.rename(users.with_name("users.away"))
+    failure = run(reactor, inject(system, "bob@example.test", ["alice@example.test"], MESSAGE,
+                                  origin=SENDMAIL))
+    assert failure.check(Refusal) and failure.value.code == 451
+    assert maildir(system, "alice") == [] and maildir(system, "bob") == []
+    assert list(system.spool.queue_dir.glob("*.env")) == []
 
 
 def test_send_dsn_for_the_queue(system, reactor):

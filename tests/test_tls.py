@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from twisted_mta.tls import TLSError, load_pair, server_context
+from twisted_mta.tls import TLSError, load_certificate, load_pair
 
 
 @pytest.fixture
@@ -80,8 +80,8 @@ def test_a_pair_openssl_refuses(tmp_path):
 
 
 def test_without_a_pair_a_self_signed_one_is_made_once(tmp_path):
-    first = server_context(None, None, tmp_path / "tls", "mx.example.test")
+    first = load_certificate(None, None, tmp_path / "tls", "mx.example.test").options
     made = sorted(p.name for p in (tmp_path / "tls").iterdir())
     assert made == ["selfsigned.key", "selfsigned.pem"]
-    again = server_context(None, None, tmp_path / "tls", "mx.example.test")
+    again = load_certificate(None, None, tmp_path / "tls", "mx.example.test").options
     assert again.certificate.digest("sha256") == first.certificate.digest("sha256")

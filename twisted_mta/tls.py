@@ -72,8 +72,7 @@ def load_certificate(
     files = (certificate, private_key)
     # Taken before reading: a change made while we read is seen next time.
     stamp = files_stamp(files)
-    options = server_context(certificate, private_key, tls_dir, hostname)
-    return Certificate(options, files, stamp)
+    return Certificate(load_pair(certificate, private_key), files, stamp)
 
 
 def files_stamp(paths: tuple[Path, ...]) -> Stamp:
@@ -87,15 +86,6 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (info.st_mtime_ns, info.st_size, info.st_ino)
-
-
-def server_context(
-    certificate: Path | None, private_key: Path | None, tls_dir: Path, hostname: str
-) -> CertificateOptions:
-    """Options for STARTTLS and implicit TLS listeners."""
-    if certificate is None or private_key is None:
-        certificate, private_key = self_signed(tls_dir, hostname)
-    return load_pair(certificate, private_key)
 
 
 def check_configured_pair(certificate: Path | None, private_key: Path | None) -> None:

@@ -149,9 +149,6 @@ class Sessions:
         self._open: set[MTAServer] = set()
         self._drained: list[defer.Deferred] = []
 
-    def __len__(self) -> int:
-        return len(self._open)
-
     def add(self, server: MTAServer) -> None:
         self._open.add(server)
 
