@@ -17,8 +17,8 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from itertools import count
 from dataclasses import dataclass, field
+from itertools import count
 from pathlib import Path
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))

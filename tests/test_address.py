@@ -1,4 +1,4 @@
-"""Tests for twisted_mta.smtp.address: MAIL FROM / RCPT TO argument parsing."""
+"""Tests for twisted_mta.mail.address: MAIL FROM / RCPT TO argument parsing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 from twisted.mail import smtp
 
-from twisted_mta.smtp.address import (
+from twisted_mta.mail.address import (
     NULL_SENDER,
     Address,
     MailCommand,

@@ -12,8 +12,8 @@ import pytest
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from twisted_mta.queue import committer as committer_module
-from twisted_mta.queue.committer import Committer, PendingFile
+from twisted_mta.storage import committer as committer_module
+from twisted_mta.storage.committer import Committer, PendingFile
 
 TIMEOUT = 10.0
 

@@ -8,17 +8,16 @@ from pathlib import Path
 import pytest
 from twisted.python import log
 
-from twisted_mta.delivery.directory import (
+from twisted_mta.directory.aliases import parse_aliases
+from twisted_mta.directory.resolve import (
     MAX_DEPTH,
     AliasLoop,
     Directory,
-    DirectoryUnavailable,
-    Mailbox,
     UnknownRecipient,
-    UnsafeMailboxName,
-    parse_aliases,
-    parse_users,
 )
+from twisted_mta.directory.users import parse_users
+from twisted_mta.directory.watched import DirectoryUnavailable
+from twisted_mta.mail.mailbox import Mailbox, UnsafeMailboxName
 
 USERS = """\
 # accounts

@@ -8,7 +8,7 @@ import email.utils
 
 import pytest
 
-from twisted_mta.relay.dsn import (
+from twisted_mta.mail.dsn import (
     DELAYED,
     HEADERS_LIMIT,
     RecipientFailure,

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from daemon import fresh_client_address, insecure_context, make_daemon
+
 from twisted_mta.auth.passwords import hash_password
 
 PASSWORDS = {

@@ -19,8 +19,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from daemon import fresh_client_address, insecure_context, make_daemon
+
 from twisted_mta.auth.passwords import hash_password
 
 FLOOD_SECONDS = 12.0

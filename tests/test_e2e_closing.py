@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 
 import pytest
-
 from silent_client import SilentTLSClient
 
 CLOSED_WITHIN = 2.0

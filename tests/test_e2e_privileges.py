@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from daemon import Daemon, base_config, insecure_context, with_loopback_resolver
 
 USER = "twisted-mta-test"

@@ -10,7 +10,6 @@ import smtplib
 import subprocess
 
 import pytest
-
 from daemon import insecure_context, make_daemon
 
 CLIENT = "unknown[127.0.0.1]"

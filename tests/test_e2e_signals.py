@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
-
 from daemon import Daemon, queue_id
 from test_e2e_tls import make_certificate, peer_certificate
 

@@ -13,6 +13,7 @@ import time
 from daemon import make_daemon
 from silent_client import SilentTLSClient
 from test_e2e_protocol import connect
+
 from twisted_mta.smtp.server import MAX_AUTH_LINE
 
 # Every slot of a scaled-down server taken by slow chatter from five

@@ -11,22 +11,23 @@ import json
 import pytest
 from test_committer import ThreadReactor
 
-from twisted_mta.delivery.directory import Directory
-from twisted_mta.queue import inject as inject_module
-from twisted_mta.queue.committer import Committer
-from twisted_mta.queue.inject import (
+from twisted_mta.directory.resolve import Directory
+from twisted_mta.intake import inject as inject_module
+from twisted_mta.intake.acceptance import MailSystem, Refusal
+from twisted_mta.intake.inject import (
     BOUNCE,
     SENDMAIL,
     InjectionRefused,
-    dsn_reporter,
     inject,
     send_dsn,
 )
-from twisted_mta.queue.spool import Spool, StorageError
-from twisted_mta.queue.store import QueuedMessage, QueueStore, RecipientState
-from twisted_mta.relay.dsn import RecipientFailure
-from twisted_mta.smtp.address import PathError
-from twisted_mta.smtp.policy import MailSystem, Refusal
+from twisted_mta.intake.spool import Spool, StorageError
+from twisted_mta.mail.address import PathError
+from twisted_mta.mail.dsn import RecipientFailure
+from twisted_mta.queue.bounces import dsn_reporter
+from twisted_mta.queue.store import QueueStore
+from twisted_mta.storage.committer import Committer
+from twisted_mta.storage.envelope import QueuedMessage, RecipientState
 
 HOST = "mx.example.test"
 USERS = "alice@example.test:{PLAIN}a\nbob@example.test:{PLAIN}b\n"

@@ -9,16 +9,14 @@ import time
 
 import pytest
 
-from twisted_mta.delivery import maildir
-from twisted_mta.delivery.maildir import (
-    UnsafeMailboxName,
-    check_path_component,
+from twisted_mta.mail.mailbox import UnsafeMailboxName, check_path_component
+from twisted_mta.storage import files, maildir
+from twisted_mta.storage.maildir import (
     ensure_maildir,
     mailbox_path,
     open_temporary,
     sweep_stale_temporaries,
 )
-from twisted_mta.queue import committer
 
 TEMPORARY = re.compile(r"^(\d+)\.M(\d{1,6})P(\d+)Q(\d+)\.([^/:,]+)$")
 FINAL = re.compile(r"^(\d+)\.M(\d{1,6})P(\d+)V([0-9a-f]+)I([0-9a-f]+)_(\d+)\.([^/:,]+),S=(\d+)$")
@@ -50,7 +48,7 @@ def test_mailbox_path_is_domain_then_local(tmp_path):
 def test_ensure_maildir_creates_private_folders_and_syncs_them(tmp_path, monkeypatch):
     synced: list[str] = []
     monkeypatch.setattr(maildir, "fsync_directory", synced.append)
-    monkeypatch.setattr(committer, "fsync_directory", synced.append)
+    monkeypatch.setattr(files, "fsync_directory", synced.append)
     box = tmp_path / "mail" / "example.test" / "alice"
     ensure_maildir(box)
     for folder in (tmp_path / "mail", box.parent, box, box / "tmp", box / "new", box / "cur"):

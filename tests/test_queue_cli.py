@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from daemon import make_daemon
 
 CLI = str(Path(sys.executable).with_name("twisted-mta"))

@@ -9,6 +9,15 @@ import base64
 from collections import deque
 from dataclasses import replace
 
+from test_server_regressions import (
+    EHLO,
+    HOSTNAME,
+    SETTINGS,
+    Client,
+    Realm,
+    RecordingDelivery,
+    open_session,
+)
 from twisted.cred.checkers import AllowAnonymousAccess, ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -20,7 +29,6 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from test_server_regressions import EHLO, HOSTNAME, SETTINGS, Client, Realm, RecordingDelivery, open_session
 from twisted_mta.auth.mechanisms import challengers
 from twisted_mta.auth.throttle import CHECKS, AuthThrottle
 from twisted_mta.smtp.server import ConnectionLimits, MTAServer

@@ -5,10 +5,10 @@ import json
 
 from twisted.internet import defer, task
 
-from twisted_mta.queue.scheduler import Outcome, Policy, Scheduler
-from twisted_mta.queue.spool import Envelope
 from twisted_mta.queue import store as store_module
-from twisted_mta.queue.store import FAILED, SENT, QueueStore
+from twisted_mta.queue.scheduler import Outcome, Policy, Scheduler
+from twisted_mta.queue.store import QueueStore
+from twisted_mta.storage.envelope import FAILED, SENT, Envelope
 
 
 def queue(tmp_path, queue_id, recipients, now=0.0, sender="s@example.org"):

@@ -19,12 +19,14 @@ from twisted.internet import task
 
 from twisted_mta import sendmail
 from twisted_mta import watch as watch_module
-from twisted_mta.delivery.directory import Directory
-from twisted_mta.queue import maildrop as maildrop_module
-from twisted_mta.queue.committer import Committer
-from twisted_mta.queue.maildrop import DropEnvelope, MaildropService, write_drop
-from twisted_mta.queue.spool import Spool
-from twisted_mta.smtp.policy import MailSystem
+from twisted_mta.directory.resolve import Directory
+from twisted_mta.intake import maildrop as maildrop_module
+from twisted_mta.intake.acceptance import MailSystem
+from twisted_mta.intake.maildrop import MaildropService
+from twisted_mta.intake.spool import Spool
+from twisted_mta.storage import drop as drop_module
+from twisted_mta.storage.committer import Committer
+from twisted_mta.storage.drop import DropEnvelope, write_drop
 
 HOST = "mx.example.test"
 SENDMAIL = str(Path(sys.executable).with_name("twisted-mta-sendmail"))
@@ -237,7 +239,7 @@ def test_drop_is_fsynced_then_renamed_then_the_folder_fsynced(tmp_path, monkeypa
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
-    monkeypatch.setattr(maildrop_module, "fsync_directory", lambda d: events.append(("dir", d)))
+    monkeypatch.setattr(drop_module, "fsync_directory", lambda d: events.append(("dir", d)))
     final = write_drop(tmp_path, ENVELOPE, b"Subject: x\n\nbody\n")
     temporary = f".{final.name}.tmp"
     assert events == [
@@ -275,7 +277,7 @@ def service(tmp_path, reactor):
     spool.prepare()
     system = MailSystem(HOST, directory, spool, ())
     maildrop = tmp_path / "maildrop"
-    maildrop_module.prepare_directory(maildrop)
+    drop_module.prepare_directory(maildrop)
     yield MaildropService(maildrop, system, reactor)
     committer.stop()
 

@@ -19,7 +19,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
-from twisted.cred.checkers import AllowAnonymousAccess, InMemoryUsernamePasswordDatabaseDontUse
+from replies import Reply
+from twisted.cred.checkers import (
+    AllowAnonymousAccess,
+    InMemoryUsernamePasswordDatabaseDontUse,
+)
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
@@ -34,12 +38,11 @@ from twisted.mail.protocols import DomainDeliveryBase
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_mta import maillog
 from twisted_mta.auth.mechanisms import Login, Plain
-from twisted_mta.delivery.directory import Directory
-from twisted_mta.queue.committer import Committer
-from twisted_mta.queue.spool import Spool
-from twisted_mta.smtp import logline
-from twisted_mta.smtp.policy import ITransactionDelivery, MailRealm, MailSystem
+from twisted_mta.directory.resolve import Directory
+from twisted_mta.intake.acceptance import ITransactionDelivery, MailRealm, MailSystem
+from twisted_mta.intake.spool import Spool
 from twisted_mta.smtp.server import (
     CLOSE_GRACE,
     MAX_AUTH_LINE,
@@ -48,7 +51,7 @@ from twisted_mta.smtp.server import (
     ServerSettings,
     Sessions,
 )
-from replies import Reply
+from twisted_mta.storage.committer import Committer
 
 HOSTNAME = "mx.example.test"
 EHLO = b"EHLO client.example.org"
@@ -799,7 +802,7 @@ def rejects():
     events = []
 
     def observe(event) -> None:
-        if event.get("log_namespace") == logline.__name__:
+        if event.get("log_namespace") == maillog.__name__:
             events.append(event)
 
     globalLogPublisher.addObserver(observe)

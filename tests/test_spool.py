@@ -11,17 +11,12 @@ import pytest
 from test_committer import ThreadReactor
 from twisted.python.failure import Failure
 
-from twisted_mta.delivery.directory import Mailbox
-from twisted_mta.queue import committer as committer_module
-from twisted_mta.queue import spool as spool_module
-from twisted_mta.queue.committer import Committer
-from twisted_mta.queue.spool import (
-    Envelope,
-    IncomingMessage,
-    Spool,
-    StorageError,
-    new_queue_id,
-)
+from twisted_mta.intake import spool as spool_module
+from twisted_mta.intake.spool import IncomingMessage, Spool, StorageError
+from twisted_mta.mail.mailbox import Mailbox
+from twisted_mta.storage import files as files_module
+from twisted_mta.storage.committer import Committer
+from twisted_mta.storage.envelope import Envelope, new_queue_id
 
 RECEIVED = b"Received: from client.test ([192.0.2.1])\n\tby mx.test; date\n"
 BODY = b"Subject: hi\n\nhello\n"
@@ -202,6 +197,6 @@ def test_queue_ids_never_repeat_and_sort_by_time():
 
 def test_prepare_makes_the_new_queue_folder_durable(tmp_path, monkeypatch):
     synced: list[str] = []
-    monkeypatch.setattr(committer_module, "fsync_directory", synced.append)
+    monkeypatch.setattr(files_module, "fsync_directory", synced.append)
     Spool(tmp_path / "mail", tmp_path / "var" / "queue", Committer(ThreadReactor())).prepare()
     assert synced == [str(tmp_path), str(tmp_path / "var")]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from twisted_mta.smtp.text import escape, first_unsafe
+from twisted_mta.mail.text import escape, first_unsafe
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,14 @@ import pytest
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, task
 
-from twisted_mta.auth.throttle import CHECKS, MAX_DELAY, PER_ADDRESS, WINDOW, AuthThrottle, Refusal
+from twisted_mta.auth.throttle import (
+    CHECKS,
+    MAX_DELAY,
+    PER_ADDRESS,
+    WINDOW,
+    AuthThrottle,
+    Refusal,
+)
 
 IP = "192.0.2.1"
 

@@ -11,10 +11,11 @@ from collections.abc import Sequence
 
 from twisted_mta.auth.checker import cram_md5_warning
 from twisted_mta.auth.passwords import SCHEMES, hash_password
-from twisted_mta.auth.usersfile import set_password_line
 from twisted_mta.config import Config, ConfigError, dump_config, load_config
+from twisted_mta.directory.users import set_password_line
 from twisted_mta.queue import control
-from twisted_mta.queue.store import CorruptMessage, QueueStore, UnknownMessage
+from twisted_mta.queue.store import CorruptMessage, QueueStore
+from twisted_mta.storage.envelope import UnknownMessage
 from twisted_mta.tls import TLSError, check_configured_pair
 
 

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from twisted_mta.config import ConfigError, load_config
-from twisted_mta.queue.inject import normalise_line_endings
-from twisted_mta.queue.maildrop import DropEnvelope, prepare_directory, write_drop
-from twisted_mta.relay.dsn import header_address
-from twisted_mta.smtp.address import PathError, parse_mail, parse_rcpt
+from twisted_mta.mail.address import PathError, parse_mail, parse_rcpt
+from twisted_mta.mail.dsn import header_address
+from twisted_mta.mail.lines import normalise_line_endings
+from twisted_mta.storage.drop import DropEnvelope, prepare_directory, write_drop
 
 PROGRAM = "twisted-mta-sendmail"
 EX_OK, EX_USAGE, EX_DATAERR, EX_TEMPFAIL = 0, 64, 65, 75

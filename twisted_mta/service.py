@@ -31,19 +31,19 @@ from twisted_mta.auth.checker import FirstMatch, UsersFileChecker, cram_md5_warn
 from twisted_mta.auth.mechanisms import challengers
 from twisted_mta.auth.throttle import AuthThrottle
 from twisted_mta.config import Config, ConfigError, load_config
-from twisted_mta.delivery.directory import Directory
-from twisted_mta.queue.committer import Committer
-from twisted_mta.queue.inject import dsn_reporter
-from twisted_mta.queue.maildrop import MaildropService
-from twisted_mta.queue.runner import FlushListener
+from twisted_mta.directory.resolve import Directory
+from twisted_mta.intake.acceptance import MailRealm, MailSystem
+from twisted_mta.intake.maildrop import MaildropService
+from twisted_mta.intake.spool import Spool
+from twisted_mta.queue.bounces import dsn_reporter
+from twisted_mta.queue.flush import FlushListener
 from twisted_mta.queue.scheduler import Policy, Scheduler
-from twisted_mta.queue.spool import Spool
 from twisted_mta.queue.store import QueueStore
 from twisted_mta.relay.router import Router, make_resolver
-from twisted_mta.smtp.policy import MailRealm, MailSystem
 from twisted_mta.smtp.proxy import ProxyWrappingFactory
 from twisted_mta.smtp.sasl import usable_mechanisms
 from twisted_mta.smtp.server import ConnectionLimits, MTAFactory, ServerSettings, Sessions
+from twisted_mta.storage.committer import Committer
 from twisted_mta.tls import Certificate, ServerTLS, TLSError, files_stamp, load_certificate
 
 LISTENERS = ("smtp", "submission", "submissions")

@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from zope.interface import implementer
 
-from twisted_mta.files import write_atomically
+from twisted_mta.storage.files import write_atomically
 
 # TLS 1.2 suites; TLS 1.3 ones are configured apart by OpenSSL.
 TLS12_CIPHERS = AcceptableCiphers.fromOpenSSLCipherString("ECDHE+AESGCM:ECDHE+CHACHA20")

@@ -25,7 +25,7 @@ from twisted.internet import defer, threads
 from zope.interface import directlyProvides, implementer, providedBy
 
 from twisted_mta.auth.passwords import StoredPassword, UnknownScheme, slowest
-from twisted_mta.delivery.directory import Directory
+from twisted_mta.directory.resolve import Directory
 
 
 @implementer(ICredentialsChecker)

@@ -12,14 +12,9 @@ import json
 import time
 from pathlib import Path
 
-from twisted_mta.files import write_atomically
-from twisted_mta.queue.store import (
-    FAILED,
-    CorruptMessage,
-    QueuedMessage,
-    QueueStore,
-    UnknownMessage,
-)
+from twisted_mta.queue.store import CorruptMessage, QueueStore
+from twisted_mta.storage.envelope import FAILED, QueuedMessage, UnknownMessage
+from twisted_mta.storage.files import write_atomically
 
 FLUSH_FILE = ".flush"
 ADMIN_BOUNCE_STATUS = "5.0.0"

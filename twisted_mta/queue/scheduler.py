@@ -36,16 +36,9 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.python import log
 
-from twisted_mta.queue.spool import StorageError
-from twisted_mta.queue.store import (
-    FAILED,
-    SENT,
-    CorruptMessage,
-    QueuedMessage,
-    QueueStore,
-    RecipientState,
-    UnknownMessage,
-)
+from twisted_mta.intake.spool import StorageError
+from twisted_mta.queue.store import CorruptMessage, QueueStore
+from twisted_mta.storage.envelope import FAILED, SENT, QueuedMessage, RecipientState, UnknownMessage
 
 EXPIRED_STATUS = "4.4.7"
 

@@ -19,77 +19,25 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
-import re
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from twisted_mta.files import fsync_directory, write_atomically
-from twisted_mta.queue.spool import ENVELOPE_VERSION
+from twisted_mta.storage.envelope import (
+    SENT,
+    QueuedMessage,
+    UnknownMessage,
+    checked_id,
+    is_queue_id,
+)
+from twisted_mta.storage.files import fsync_directory, write_atomically
 
-QUEUED, SENT, FAILED = "queued", "sent", "failed"
 CORRUPT_DIR = "corrupt"
-_ID = re.compile(r"[0-9A-F]{8,32}")
-
-
-class UnknownMessage(KeyError):
-    """No message with that id is in the queue."""
 
 
 class CorruptMessage(ValueError):
     """The message's envelope cannot be read."""
-
-
-@dataclass
-class RecipientState:
-    address: str
-    state: str = QUEUED
-    attempts: int = 0
-    next_attempt: float = 0.0
-    last_error: str | None = None
-    status: str | None = None
-    remote: str | None = None
-    last_attempt: float | None = None
-
-    @property
-    def pending(self) -> bool:
-        return self.state == QUEUED
-
-
-@dataclass
-class QueuedMessage:
-    id: str
-    arrival: float
-    size: int
-    sender: str
-    recipients: list[RecipientState]
-    client: dict = field(default_factory=dict)
-    authenticated: str | None = None
-    body: str = "7BIT"
-    smtputf8: bool = False
-    delay_warned: bool = False
-    version: int = ENVELOPE_VERSION
-
-    @classmethod
-    def from_json(cls, document: dict) -> "QueuedMessage":
-        if document.get("version") != ENVELOPE_VERSION:
-            raise ValueError(f"unsupported envelope version {document.get('version')!r}")
-        known = set(cls.__dataclass_fields__)
-        fields = {k: v for k, v in document.items() if k in known}
-        fields["recipients"] = [RecipientState(**r) for r in document["recipients"]]
-        return cls(**fields)
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=1).encode()
-
-    def pending(self) -> list[RecipientState]:
-        return [r for r in self.recipients if r.pending]
-
-    def next_due(self) -> float | None:
-        due = [r.next_attempt for r in self.recipients if r.pending]
-        return min(due) if due else None
 
 
 @dataclass(frozen=True)
@@ -102,20 +50,20 @@ class QueueStore:
         return sorted(
             name[:-4]
             for name in names
-            if name.endswith(".env") and _ID.fullmatch(name[:-4]) and f"{name[:-4]}.msg" in names
+            if name.endswith(".env") and is_queue_id(name[:-4]) and f"{name[:-4]}.msg" in names
         )
 
     def data_path(self, queue_id: str) -> Path:
-        return self.directory / f"{_checked(queue_id)}.msg"
+        return self.directory / f"{checked_id(queue_id)}.msg"
 
     def load(self, queue_id: str) -> QueuedMessage:
-        path = self.directory / f"{_checked(queue_id)}.env"
+        path = self.directory / f"{checked_id(queue_id)}.env"
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             raise UnknownMessage(queue_id) from None
         try:
-            return QueuedMessage.from_json(json.loads(data))
+            return QueuedMessage.from_json(data)
         except (ValueError, TypeError, KeyError, AttributeError) as error:
             raise CorruptMessage(f"{queue_id}: {error}") from None
 
@@ -171,7 +119,7 @@ class QueueStore:
             self._remove(queue_id)
 
     def _remove(self, queue_id: str) -> None:
-        envelope = self.directory / f"{_checked(queue_id)}.env"
+        envelope = self.directory / f"{checked_id(queue_id)}.env"
         try:
             os.unlink(envelope)
         except FileNotFoundError:
@@ -191,10 +139,3 @@ class QueueStore:
             yield
         finally:
             os.close(fd)
-
-
-def _checked(queue_id: str) -> str:
-    """Refuse ids that are not ours, so no path can be built from them."""
-    if not _ID.fullmatch(queue_id):
-        raise UnknownMessage(queue_id)
-    return queue_id

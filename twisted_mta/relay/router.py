@@ -22,7 +22,7 @@ from twisted.names import client as dns_client
 
 from twisted_mta.config import RelayConfig, parse_hostport
 from twisted_mta.queue.scheduler import Outcome
-from twisted_mta.queue.store import QueuedMessage, QueueStore, RecipientState
+from twisted_mta.queue.store import QueueStore
 from twisted_mta.relay.client import (
     Outgoing,
     RelayError,
@@ -31,6 +31,7 @@ from twisted_mta.relay.client import (
     open_session,
 )
 from twisted_mta.relay.mx import RouteError, host_addresses, mx_hosts
+from twisted_mta.storage.envelope import QueuedMessage, RecipientState
 
 
 def make_resolver(resolvers: Sequence[str]):

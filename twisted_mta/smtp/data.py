@@ -11,9 +11,10 @@ body can never be read as commands.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from twisted_mta.mail.received import count_received
 
 MAX_LINE = 998  # RFC 5321 4.5.3.1.6, without the CRLF
 
@@ -21,7 +22,6 @@ BARE_LINE_ENDING = "bare CR or LF"
 LINE_TOO_LONG = "line too long"
 TOO_BIG = "message too big"
 TOO_MANY_HOPS = "too many hops"
-_RECEIVED = re.compile(rb"\nreceived:", re.IGNORECASE)
 
 
 @dataclass
@@ -115,12 +115,6 @@ class DataDecoder:
     def _fail(self, fault: str) -> None:
         if self.fault is None:
             self.fault = fault
-
-
-def count_received(header: bytes) -> int:
-    """Received headers in a header block (LF endings) that starts with LF
-    or at a line start."""
-    return len(_RECEIVED.findall(header if header.startswith(b"\n") else b"\n" + header))
 
 
 def _has_long_line(body: bytes) -> bool:

@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 
 from twisted_mta.auth.mechanisms import MalformedResponse
 from twisted_mta.auth.throttle import Refusal
-from twisted_mta.delivery.directory import DirectoryUnavailable
+from twisted_mta.directory.watched import DirectoryUnavailable
 from twisted_mta.smtp.modes import AUTH, CLOSED, COMMAND
 
 _NEEDS = {

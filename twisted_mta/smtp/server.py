@@ -41,7 +41,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_mta.auth.throttle import AuthThrottle
-from twisted_mta.smtp.address import PathError, parse_mail, parse_rcpt
+from twisted_mta.intake.acceptance import ITransactionDelivery, Session
+from twisted_mta.mail.address import PathError, parse_mail, parse_rcpt
+from twisted_mta.mail.text import escape
+from twisted_mta.maillog import Stage, log_reject
 from twisted_mta.smtp.data import (
     BARE_LINE_ENDING,
     LINE_TOO_LONG,
@@ -49,11 +52,8 @@ from twisted_mta.smtp.data import (
     TOO_MANY_HOPS,
     DataDecoder,
 )
-from twisted_mta.smtp.logline import Stage, log_reject
 from twisted_mta.smtp.modes import AUTH, CLOSED, COMMAND, DATA
-from twisted_mta.smtp.policy import ITransactionDelivery, Session
 from twisted_mta.smtp.sasl import SaslMixin
-from twisted_mta.smtp.text import escape
 
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, including the CRLF
 MAX_AUTH_LINE = 12288  # RFC 4954 4

@@ -16,13 +16,12 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorThreads
 from twisted.python.failure import Failure
 
-from twisted_mta.files import fsync_directory
+from twisted_mta.storage.files import fsync_directory
 
 
 @dataclass
@@ -178,21 +177,3 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
-
-
-def make_directories(path: Path) -> None:
-    """Like ``os.makedirs`` (mode 0700), and durable: the entry of each new
-    folder is fsynced in its parent, or a crash could lose the folder with
-    every file later made durable inside it."""
-    missing = []
-    probe = path
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            pass
-    for directory in reversed(missing):
-        fsync_directory(str(directory.parent))

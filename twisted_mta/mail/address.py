@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from twisted.mail import smtp
 
-from twisted_mta.smtp.text import first_unsafe
+from twisted_mta.mail.text import first_unsafe
 
 __all__ = [
     "NULL_SENDER",

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_RECEIVED_FIELD = re.compile(rb"\nreceived:", re.IGNORECASE)
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 
 
@@ -93,3 +94,9 @@ def _with_protocol(info: TraceInfo) -> str:
         return "SMTP"
     name = "UTF8SMTP" if info.utf8 else "ESMTP"
     return name + ("S" if info.tls else "") + ("A" if info.authenticated else "")
+
+
+def count_received(header: bytes) -> int:
+    """Received headers in a header block (LF endings) that starts with LF
+    or at a line start."""
+    return len(_RECEIVED_FIELD.findall(header if header.startswith(b"\n") else b"\n" + header))

@@ -1,17 +1,30 @@
-"""Changing the users file: add or replace one account's line atomically.
+"""The users file, Dovecot's passwd-file format: ``address:password-field``.
 
-Comments, blank lines and every other line are kept byte for byte; the new
-file replaces the old by rename after an fsync, so a crash leaves either
-the old file or the new one.  It keeps the old file's mode and owner, so
-that root adding an account leaves the file readable by the daemon.
+Read as ``address -> password field`` (addresses lower-cased); changed
+by adding or replacing one account's line atomically. Comments, blank
+lines and every other line are kept byte for byte; the new file replaces
+the old by rename after an fsync, so a crash leaves either the old file
+or the new one. It keeps the old file's mode and owner, so that root
+adding an account leaves the file readable by the daemon.
 """
 
 from __future__ import annotations
 
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
-from twisted_mta.files import write_atomically
+from twisted_mta.directory.watched import content_lines
+from twisted_mta.storage.files import write_atomically
+
+
+def parse_users(lines: Iterable[str]) -> dict[str, str]:
+    """``address -> password field`` from Dovecot passwd-file lines."""
+    users: dict[str, str] = {}
+    for _, text in content_lines(lines):
+        name, _, rest = text.partition(":")
+        users[name.strip().lower()] = rest.split(":", 1)[0]
+    return users
 
 
 def set_password_line(path: Path, address: str, field: str) -> bool:

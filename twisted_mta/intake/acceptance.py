@@ -29,17 +29,13 @@ from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory
 from twisted.mail.smtp import SMTPServerError
 from zope.interface import Attribute, implementer
 
-from twisted_mta.delivery.directory import (
-    AliasLoop,
-    Directory,
-    DirectoryUnavailable,
-    Mailbox,
-    UnknownRecipient,
-    UnsafeMailboxName,
-)
-from twisted_mta.queue.spool import Envelope, IncomingMessage, Spool, new_queue_id
-from twisted_mta.smtp.address import Address
-from twisted_mta.smtp.received import TraceInfo, received_header
+from twisted_mta.directory.resolve import AliasLoop, Directory, UnknownRecipient
+from twisted_mta.directory.watched import DirectoryUnavailable
+from twisted_mta.intake.spool import IncomingMessage, Spool
+from twisted_mta.mail.address import Address
+from twisted_mta.mail.mailbox import Mailbox, UnsafeMailboxName
+from twisted_mta.mail.received import TraceInfo, received_header
+from twisted_mta.storage.envelope import Envelope, new_queue_id
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

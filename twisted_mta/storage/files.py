@@ -45,6 +45,24 @@ def write_atomically(
     fsync_directory(path.parent)
 
 
+def make_directories(path: Path) -> None:
+    """Like ``os.makedirs`` (mode 0700), and durable: the entry of each new
+    folder is fsynced in its parent, or a crash could lose the folder with
+    every file later made durable inside it."""
+    missing = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+    for directory in reversed(missing):
+        fsync_directory(str(directory.parent))
+
+
 def _remove_quietly(path: Path) -> None:
     try:
         os.unlink(path)

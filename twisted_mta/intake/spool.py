@@ -21,11 +21,9 @@ acceptance; then one line per delivery follows, Postfix-style.
 from __future__ import annotations
 
 import errno
-import json
 import os
-import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +34,11 @@ from twisted.python import log
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_mta.delivery.directory import Mailbox
-from twisted_mta.delivery.maildir import (
+from twisted_mta.mail.mailbox import Mailbox
+from twisted_mta.storage.committer import Committer, PendingFile, discard
+from twisted_mta.storage.envelope import Envelope
+from twisted_mta.storage.files import make_directories
+from twisted_mta.storage.maildir import (
     CREATE_FLAGS,
     STALE_AFTER,
     TemporaryFile,
@@ -46,23 +47,9 @@ from twisted_mta.delivery.maildir import (
     open_temporary,
     sweep_stale_temporaries,
 )
-from twisted_mta.queue.committer import Committer, PendingFile, discard, make_directories
 
-ENVELOPE_VERSION = 1
 # copy_file_range cannot cross file systems (Linux 5.19+) or may be missing.
 _NO_COPY_FILE_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
-
-
-_last_stamp = 0
-
-
-def new_queue_id() -> str:
-    """A sortable id: microseconds, never the same twice in this process
-    (the queue files are named after it), then randomness for the case of
-    a clock set back across a restart."""
-    global _last_stamp
-    _last_stamp = max(time.time_ns() // 1000, _last_stamp + 1)
-    return f"{_last_stamp:013X}{secrets.randbelow(0x10000):04X}"
 
 
 class StorageError(SMTPServerError):
@@ -77,42 +64,6 @@ def _storage_error(queue_id: str, error: OSError) -> StorageError:
     where = f" ({error.filename})" if error.filename else ""
     log.msg(f"id={queue_id} not stored: {error.strerror or error}{where}")
     return StorageError(error.strerror or "write failed")
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """What the queue needs to know about a message besides its bytes."""
-
-    sender: str
-    remote: Sequence[str]
-    client: Mapping[str, str]
-    body: str
-    smtputf8: bool
-    authenticated: str | None = None
-
-    def to_json(self, queue_id: str, size: int, now: float) -> bytes:
-        document = {
-            "version": ENVELOPE_VERSION,
-            "id": queue_id,
-            "arrival": now,
-            "size": size,
-            "sender": self.sender,
-            "client": dict(self.client),
-            "authenticated": self.authenticated,
-            "body": self.body,
-            "smtputf8": self.smtputf8,
-            "recipients": [
-                {
-                    "address": address,
-                    "state": "queued",
-                    "attempts": 0,
-                    "next_attempt": now,
-                    "last_error": None,
-                }
-                for address in self.remote
-            ],
-        }
-        return json.dumps(document, indent=1).encode()
 
 
 @dataclass

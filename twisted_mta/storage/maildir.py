@@ -24,36 +24,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from twisted_mta.files import fsync_directory
-from twisted_mta.queue.committer import make_directories
+from twisted_mta.mail.mailbox import check_path_component
+from twisted_mta.storage.files import fsync_directory, make_directories
 
 # Readable too: the copies for other mailboxes are taken from the first file.
 CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SUBDIRECTORIES = ("tmp", "new", "cur")
-_NAME_MAX = 255  # bytes in one directory entry on Linux file systems
 _sequence = itertools.count()
 STALE_AFTER = 36 * 3600  # seconds
 # The temporary names open_temporary makes; other writers' files are theirs.
 _OUR_TEMPORARY = re.compile(r"\d+\.M\d+P\d+Q\d+\..+")
-
-
-class UnsafeMailboxName(ValueError):
-    """A name that could leave the mail folder or confuse a Maildir reader."""
-
-
-def check_path_component(name: str) -> str:
-    """Return ``name`` if it can be one directory name under the spool."""
-    if (
-        not name
-        or name.startswith(".")
-        or ".." in name
-        or "/" in name
-        or "\\" in name
-        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name)
-        or len(name.encode()) > _NAME_MAX
-    ):
-        raise UnsafeMailboxName(name)
-    return name
 
 
 def mailbox_path(mail_root: Path, domain: str, local: str) -> Path:

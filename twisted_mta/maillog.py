@@ -10,7 +10,7 @@ its parts as fields (``client_ip``, ``stage``, ``code``, ``enhanced``,
 ``text``, ``sender``, ``recipient``, ``helo``, ``proto``, ``queue_id``), so
 structured observers, such as ``twistd --logger`` with a JSON observer, get
 them without parsing the text.  Client-given text is escaped (see
-:mod:`twisted_mta.smtp.text`), in the fields as in the line.
+:mod:`twisted_mta.mail.text`), in the fields as in the line.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Literal
 
 from twisted.logger import Logger
 
-from twisted_mta.smtp.policy import Session
-from twisted_mta.smtp.text import escape
+from twisted_mta.intake.acceptance import Session
+from twisted_mta.mail.text import escape
 
 Stage = Literal["CONNECT", "MAIL", "RCPT", "DATA", "END-OF-MESSAGE"]
 

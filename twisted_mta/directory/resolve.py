@@ -14,35 +14,18 @@ raises :class:`DirectoryUnavailable`: a temporary failure, never "unknown".
 
 from __future__ import annotations
 
-import os
-import re
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
 
-from twisted.python import log
-
-from twisted_mta.delivery.maildir import UnsafeMailboxName, check_path_component
-from twisted_mta.smtp.address import Address
+from twisted_mta.directory.aliases import parse_aliases
+from twisted_mta.directory.users import parse_users
+from twisted_mta.directory.watched import WatchedFile
+from twisted_mta.mail.address import Address
+from twisted_mta.mail.mailbox import Mailbox, check_path_component
 
 MAX_DEPTH = 10
 POSTMASTER = "postmaster"
-
-# A file changed twice within one timestamp tick keeps its mtime; a file
-# younger than this is read again at the next lookup instead of trusted.
-_RACY_SECONDS = 2.0
-# An alias target is an address or a bare local part; no pipes, files,
-# :include:, quoting, or anything that could break a header or a command.
-_TARGET_PART = r'[^\s<>()\[\]\\,;:"@|/\x00-\x1f\x7f]+'
-_TARGET = re.compile(rf"{_TARGET_PART}(?:@{_TARGET_PART})?")
-
-T = TypeVar("T")
-
-
-class DirectoryUnavailable(OSError):
-    """The users or aliases file cannot be read now; try again later."""
 
 
 class UnknownRecipient(LookupError):
@@ -51,18 +34,6 @@ class UnknownRecipient(LookupError):
 
 class AliasLoop(LookupError):
     """Alias expansion went round in a circle or too deep."""
-
-
-@dataclass(frozen=True, order=True)
-class Mailbox:
-    """A local Maildir, named by its owner's address."""
-
-    domain: str
-    local: str
-
-    @property
-    def address(self) -> str:
-        return f"{self.local}@{self.domain}"
 
 
 @dataclass(frozen=True)
@@ -78,93 +49,6 @@ class Resolution:
     remote: frozenset[str]
 
 
-class _WatchedFile(Generic[T]):
-    """A file parsed again whenever its modification time, size or inode
-    changes.
-
-    A file that cannot be read raises :class:`DirectoryUnavailable` rather
-    than answering from an older copy: an account removed, or a file made
-    unreadable by mistake, must not go on as if nothing happened.
-    """
-
-    def __init__(self, path: Path | None, parse: Callable[[list[str]], T]) -> None:
-        self._path = path
-        self._parse = parse
-        self._stamp: tuple[int, int, int] | None = None
-        self._value = parse([])
-        self._problem: str | None = None
-
-    def get(self) -> T:
-        if self._path is None:
-            return self._value
-        try:
-            info = os.stat(self._path)
-            stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
-            if stamp != self._stamp:
-                with open(self._path, encoding="utf-8") as lines:
-                    self._value = self._parse(list(lines))
-                self._stamp = None if _is_racy(info.st_mtime_ns) else stamp
-        except (OSError, UnicodeDecodeError) as error:
-            self._stamp = None
-            problem = f"cannot read {self._path}: {getattr(error, 'strerror', None) or error}"
-            self._report(problem)
-            raise DirectoryUnavailable(problem) from None
-        self._report(None)
-        return self._value
-
-    def _report(self, problem: str | None) -> None:
-        """Log a problem once, not at every lookup."""
-        if problem is not None and problem != self._problem:
-            log.msg(problem)
-        self._problem = problem
-
-
-def _is_racy(mtime_ns: int) -> bool:
-    return time.time() - mtime_ns / 1e9 < _RACY_SECONDS
-
-
-def _content_lines(lines: Iterable[str]) -> Iterable[tuple[int, str]]:
-    for number, line in enumerate(lines, 1):
-        text = line.split("#", 1)[0].strip()
-        if text:
-            yield number, text
-
-
-def parse_users(lines: Iterable[str]) -> dict[str, str]:
-    """``address -> password field`` from Dovecot passwd-file lines."""
-    users: dict[str, str] = {}
-    for _, text in _content_lines(lines):
-        name, _, rest = text.partition(":")
-        users[name.strip().lower()] = rest.split(":", 1)[0]
-    return users
-
-
-def parse_aliases(lines: Iterable[str]) -> dict[str, tuple[str, ...]]:
-    """``key -> targets``; keys are ``local``, ``local@domain`` or ``@domain``.
-
-    Keys are lower-cased; targets keep their case, which matters for the
-    local part of a remote address.  Targets that are not addresses are
-    dropped with a log line.
-    """
-    aliases: dict[str, tuple[str, ...]] = {}
-    for number, text in _content_lines(lines):
-        key, colon, rest = text.partition(":")
-        targets = tuple(_valid_targets(number, rest.split(",")))
-        if not colon or not key.strip() or not targets:
-            log.msg(f"aliases line {number} ignored: expected 'name: target, ...'")
-            continue
-        aliases[key.strip().lower()] = targets
-    return aliases
-
-
-def _valid_targets(number: int, targets: Iterable[str]) -> Iterable[str]:
-    for target in (t.strip() for t in targets):
-        if _TARGET.fullmatch(target):
-            yield target
-        elif target:
-            log.msg(f"aliases line {number}: target {target!r} ignored: not a mail address")
-
-
 @dataclass
 class Directory:
     """The local domains and who receives mail in them."""
@@ -173,13 +57,13 @@ class Directory:
     delimiter: str = "+"
     users_file: Path | None = None
     aliases_file: Path | None = None
-    _users: _WatchedFile[dict[str, str]] = field(init=False)
-    _aliases: _WatchedFile[dict[str, tuple[str, ...]]] = field(init=False)
+    _users: WatchedFile[dict[str, str]] = field(init=False)
+    _aliases: WatchedFile[dict[str, tuple[str, ...]]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.local_domains = frozenset(d.lower() for d in self.local_domains)
-        self._users = _WatchedFile(self.users_file, parse_users)
-        self._aliases = _WatchedFile(self.aliases_file, parse_aliases)
+        self._users = WatchedFile(self.users_file, parse_users)
+        self._aliases = WatchedFile(self.aliases_file, parse_aliases)
 
     def is_local(self, domain: str) -> bool:
         return domain.lower() in self.local_domains
@@ -290,13 +174,3 @@ def _path(local: str, domain: str) -> str:
     """``local@domain`` as SMTP writes it, quoting the local part if needed."""
     return str(Address(local.encode("utf-8"), domain.encode("utf-8")))
 
-
-__all__ = [
-    "AliasLoop",
-    "DirectoryUnavailable",
-    "Directory",
-    "Mailbox",
-    "Resolution",
-    "UnknownRecipient",
-    "UnsafeMailboxName",
-]

@@ -39,28 +39,25 @@ from twisted.internet import defer
 from twisted.mail.smtp import SMTPServerError
 from twisted.python import log
 
-from twisted_mta.queue.scheduler import Report
-from twisted_mta.queue.spool import IncomingMessage
-from twisted_mta.queue.store import QueuedMessage, QueueStore, RecipientState
-from twisted_mta.relay.dsn import (
-    DELAYED,
-    FAILED,
-    HEADERS_LIMIT,
-    RecipientFailure,
-    build_dsn,
-    header_block,
-    read_original_headers,
-    should_bounce,
-)
-from twisted_mta.smtp.address import (
+from twisted_mta.intake.acceptance import MailSystem, Session, Transaction
+from twisted_mta.intake.spool import IncomingMessage
+from twisted_mta.mail.address import (
     Address,
     NullAddress,
     PathError,
     parse_mail,
     parse_rcpt,
 )
-from twisted_mta.smtp.data import count_received
-from twisted_mta.smtp.policy import MailSystem, Session, Transaction
+from twisted_mta.mail.dsn import (
+    FAILED,
+    HEADERS_LIMIT,
+    RecipientFailure,
+    build_dsn,
+    header_block,
+    should_bounce,
+)
+from twisted_mta.mail.lines import LineEndings, normalise_line_endings
+from twisted_mta.mail.received import count_received
 
 SENDMAIL = "sendmail"
 BOUNCE = "bounce"
@@ -132,14 +129,17 @@ def send_dsn(
     sender: str,
     failures: Sequence[RecipientFailure],
     original_headers: bytes,
+    origin: str = BOUNCE,
 ) -> defer.Deferred[str | None]:
-    """Report ``failures`` of message ``queue_id`` to its ``sender``.
+    """Report ``failures`` of message ``queue_id`` to ``sender``.
 
     Fires with the notification's queue id; with None when the sender is
-    null or refuses it (both logged: a bounce cannot bounce).
+    null or refuses it (both logged: a bounce cannot bounce).  ``origin``
+    is :data:`DOUBLE_BOUNCE` for the postmaster's copy of a bounce that
+    could not be delivered.
     """
     return defer.ensureDeferred(
-        _send_dsn(system, queue_id, arrival, sender, failures, original_headers)
+        _send_dsn(system, queue_id, arrival, sender, failures, original_headers, origin)
     )
 
 
@@ -202,54 +202,6 @@ async def _send_dsn(
     kind = "non-delivery" if any(f.action == FAILED for f in failures) else "delay"
     log.msg(f"id={queue_id} sender {kind} notification: {bounce_id}")
     return bounce_id
-
-
-def dsn_reporter(system: MailSystem, store: QueueStore, lifetime: float) -> Report:
-    """The scheduler's ``report``: one DSN to the sender of a queued message
-    about ``recipients`` (``failed``, or ``delayed`` for a warning)."""
-
-    def report(
-        message: QueuedMessage, recipients: Sequence[RecipientState], action: str
-    ) -> defer.Deferred[None]:
-        until = message.arrival + lifetime if action == DELAYED else None
-        failures = [_queued_failure(r, action, until) for r in recipients]
-        headers = read_original_headers(store.data_path(message.id))
-        to, origin = message.sender, BOUNCE
-        if _is_failed_notification(message, action):
-            # The postmaster hears of it, once: a failure of that report
-            # comes back here from the null sender and is only logged.
-            domain = system.directory.postmaster_domain(system.hostname)
-            to, origin = f"postmaster@{domain}", DOUBLE_BOUNCE
-        d = defer.ensureDeferred(
-            _send_dsn(system, message.id, message.arrival, to, failures, headers, origin)
-        )
-        return d.addCallback(lambda _: None)
-
-    return report
-
-
-def _is_failed_notification(message: QueuedMessage, action: str) -> bool:
-    """A bounce of ours that could not be delivered."""
-    return (
-        action == FAILED
-        and not should_bounce(message.sender)
-        and message.client.get("listener") == BOUNCE
-    )
-
-
-def _queued_failure(
-    recipient: RecipientState, action: str, until: float | None
-) -> RecipientFailure:
-    return RecipientFailure(
-        address=recipient.address,
-        status=recipient.status or ("4.0.0" if action == DELAYED else "5.0.0"),
-        action=action,
-        diagnostic=recipient.last_error,
-        # The log's "host[ip]:port" form names the host; DSNs want the name.
-        remote_mta=recipient.remote.split("[")[0] if recipient.remote else None,
-        last_attempt=recipient.last_attempt,
-        will_retry_until=until,
-    )
 
 
 def _transaction(system: MailSystem, origin: str) -> Transaction:
@@ -360,7 +312,7 @@ def _head(message: MessageSource, start: int) -> bytes:
 
 
 def _write_normalised(incoming: IncomingMessage, message: MessageSource) -> None:
-    endings = _LineEndings()
+    endings = LineEndings()
     last = b"\n"
     for chunk in _chunks(message):
         data = endings.feed(chunk)
@@ -373,30 +325,6 @@ def _write_normalised(incoming: IncomingMessage, message: MessageSource) -> None
         last = tail
     if last != b"\n":
         incoming.write(b"\n")
-
-
-def normalise_line_endings(data: bytes) -> bytes:
-    """CRLF and lone CR to LF."""
-    endings = _LineEndings()
-    return endings.feed(data) + endings.finish()
-
-
-class _LineEndings:
-    """CRLF and lone CR to LF, in a stream cut anywhere (even inside CRLF)."""
-
-    def __init__(self) -> None:
-        self._carriage_return = False
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self._carriage_return:
-            chunk = b"\r" + chunk
-        self._carriage_return = chunk.endswith(b"\r")
-        if self._carriage_return:
-            chunk = chunk[:-1]
-        return chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-
-    def finish(self) -> bytes:
-        return b"\n" if self._carriage_return else b""
 
 
 def _log_accepted(transaction: Transaction, size: int, user: str | None) -> None:
