@@ -13,7 +13,7 @@ from test_committer import ThreadReactor
 
 from twisted_mta.directory.resolve import Directory
 from twisted_mta.intake import inject as inject_module
-from twisted_mta.intake.acceptance import MailSystem, Refusal
+from twisted_mta.intake.acceptance import MailSystem
 from twisted_mta.intake.inject import (
     BOUNCE,
     SENDMAIL,
@@ -21,6 +21,7 @@ from twisted_mta.intake.inject import (
     inject,
     send_dsn,
 )
+from twisted_mta.intake.refusal import Refusal
 from twisted_mta.intake.spool import Spool, StorageError
 from twisted_mta.mail.address import PathError
 from twisted_mta.mail.dsn import RecipientFailure

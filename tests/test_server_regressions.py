@@ -41,8 +41,9 @@ from zope.interface import implementer
 from twisted_mta import maillog
 from twisted_mta.auth.mechanisms import Login, Plain
 from twisted_mta.directory.resolve import Directory
-from twisted_mta.intake.acceptance import ITransactionDelivery, MailRealm, MailSystem
+from twisted_mta.intake.acceptance import MailSystem
 from twisted_mta.intake.spool import Spool
+from twisted_mta.smtp.realm import ITransactionDelivery, MailRealm
 from twisted_mta.smtp.server import (
     CLOSE_GRACE,
     MAX_AUTH_LINE,

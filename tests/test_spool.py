@@ -149,7 +149,7 @@ def test_a_lost_connection_leaves_nothing(tmp_path, spool):
 
 def assert_storage_error(result) -> None:
     assert isinstance(result, Failure) and isinstance(result.value, StorageError)
-    assert result.value.code == 452 and result.value.resp.startswith(b"4.3.1 ")
+    assert result.value.code == 452 and result.value.enhanced == "4.3.1"
 
 
 def test_a_failed_write_answers_452_and_leaves_nothing(tmp_path, spool, monkeypatch):

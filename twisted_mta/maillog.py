@@ -1,38 +1,45 @@
-"""The log line of a refused command, as Postfix's smtpd writes it.
+"""The mail log: one function per event in a message's life.
 
-``NOQUEUE: reject: RCPT from unknown[192.0.2.7]: 550 5.1.1 <r@d>: Recipient
-address rejected: User unknown; from=<s> to=<r> proto=ESMTP helo=<h>``
+Each line is written as Postfix writes it, so that fail2ban's ``postfix``
+filter and the greps operators already know work unchanged::
 
-Written this way, fail2ban's ``postfix`` filter and the greps operators
-already know work unchanged.  The host is always ``unknown``: the server
-does no reverse DNS.  Each line is a ``twisted.logger`` event that carries
-its parts as fields (``client_ip``, ``stage``, ``code``, ``enhanced``,
-``text``, ``sender``, ``recipient``, ``helo``, ``proto``, ``queue_id``), so
-structured observers, such as ``twistd --logger`` with a JSON observer, get
-them without parsing the text.  Client-given text is escaped (see
+    NOQUEUE: reject: RCPT from unknown[192.0.2.7]: 550 5.1.1 <r@d>: Recipient
+        address rejected: User unknown; from=<s> to=<r> proto=ESMTP helo=<h>
+    id=Q from=<s> size=1234 nrcpt=2 client=unknown[192.0.2.7] listener=smtp
+    id=Q to=<r@d> relay=local delay=0.01 status=sent (delivered to maildir)
+
+The host is always ``unknown``: the server does no reverse DNS.  Each
+line is a ``twisted.logger`` event that carries its parts as fields
+(``queue_id``, ``client_ip``, ``recipient``, ``status`` ...), so structured
+observers, such as ``twistd --logger`` with a JSON observer, get them
+without parsing the text.  Client-given text is escaped (see
 :mod:`twisted_mta.mail.text`), in the fields as in the line.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Protocol
 
 from twisted.logger import Logger
 
-from twisted_mta.intake.acceptance import Session
 from twisted_mta.mail.text import escape
 
 Stage = Literal["CONNECT", "MAIL", "RCPT", "DATA", "END-OF-MESSAGE"]
 
 NO_QUEUE = "NOQUEUE"
-_FORMAT = (
-    "{queue_id}: reject: {stage} from unknown[{client_ip}]: {code} {enhanced} {text};{details}"
-)
 _log = Logger()
 
 
-def log_reject(
-    session: Session,
+class Client(Protocol):
+    """What a log line tells of the client."""
+
+    client_ip: str
+    helo: bytes | None
+    esmtp: bool
+
+
+def reject(
+    client: Client,
     stage: Stage,
     code: int,
     enhanced: str,
@@ -42,19 +49,21 @@ def log_reject(
     recipient: str | None = None,
     queue_id: str | None = None,
 ) -> None:
-    """Log one refusal; ``sender`` and ``recipient`` as far as they are known.
+    """A refused connection, command or message; ``sender`` and
+    ``recipient`` as far as they are known.
 
     ``queue_id`` is given once the message has a queue file, as Postfix
     names it instead of ``NOQUEUE``.
     """
-    helo = escape(session.helo.decode("utf-8", "replace")) if session.helo else None
+    helo = escape(client.helo.decode("utf-8", "replace")) if client.helo else None
     sender, recipient = _escaped(sender), _escaped(recipient)
-    proto = "ESMTP" if session.esmtp else "SMTP"
+    proto = "ESMTP" if client.esmtp else "SMTP"
     _log.info(
-        _FORMAT,
+        "{queue_id}: reject: {stage} from unknown[{client_ip}]: {code} {enhanced} {text};"
+        "{details}",
         queue_id=queue_id or NO_QUEUE,
         stage=stage,
-        client_ip=session.client_ip,
+        client_ip=client.client_ip,
         code=code,
         enhanced=enhanced,
         text=escape(" ".join(text.splitlines())),
@@ -63,6 +72,94 @@ def log_reject(
         helo=helo,
         proto=proto,
         details=_details(sender, recipient, proto, helo),
+    )
+
+
+def accepted(
+    queue_id: str,
+    sender: str,
+    size: int,
+    nrcpt: int,
+    *,
+    client_ip: str,
+    listener: str,
+    local: bool = False,
+    tls: str | None = None,
+    sasl_username: str | None = None,
+    user: str | None = None,
+) -> None:
+    """A message stored, logged after its ``250``; a ``local`` one (the
+    maildrop, a bounce) comes from ``localhost``, ``user`` its login."""
+    host = "localhost" if local else "unknown"
+    sender = escape(sender)
+    sasl_username = _escaped(sasl_username)
+    extras = [
+        f" tls={tls.split()[0]}" if tls else "",
+        f" sasl_username={sasl_username}" if sasl_username else "",
+        f" user={user}" if user else "",
+    ]
+    _log.info(
+        "id={queue_id} from=<{sender}> size={size} nrcpt={nrcpt} client={host}[{client_ip}]"
+        " listener={listener}{extras}",
+        queue_id=queue_id,
+        sender=sender,
+        size=size,
+        nrcpt=nrcpt,
+        host=host,
+        client_ip=client_ip,
+        listener=listener,
+        tls=tls,
+        sasl_username=sasl_username,
+        user=user,
+        extras="".join(extras),
+    )
+
+
+def lost_after_data(queue_id: str | None, client_ip: str) -> None:
+    """A client that went away in the middle of its message."""
+    _log.info(
+        "id={queue_id} lost connection after DATA from unknown[{client_ip}]; message discarded",
+        queue_id=queue_id or "-",
+        client_ip=client_ip,
+    )
+
+
+def delivery(
+    queue_id: str, recipient: str, relay: str, delay: float, status: str, detail: str
+) -> None:
+    """What became of one recipient: ``status`` is ``sent``, ``deferred`` or
+    ``bounced``; ``relay`` is ``local``, ``none`` or ``host[ip]:port``."""
+    _log.info(
+        "id={queue_id} to=<{recipient}> relay={relay} delay={delay_text} status={status}"
+        " ({detail})",
+        queue_id=queue_id,
+        recipient=recipient,
+        relay=relay,
+        delay=delay,
+        delay_text=f"{delay:.2f}",
+        status=status,
+        detail=detail,
+    )
+
+
+def no_notification(queue_id: str) -> None:
+    """A failure that cannot be reported: the sender is null."""
+    _log.info("id={queue_id} no notification: the sender is null", queue_id=queue_id)
+
+
+def notification_refused(queue_id: str, replies: str) -> None:
+    _log.info(
+        "id={queue_id} sender notification refused: {replies}", queue_id=queue_id, replies=replies
+    )
+
+
+def notification_sent(queue_id: str, kind: str, notification_id: str) -> None:
+    """A delay warning or a non-delivery report, queued as ``notification_id``."""
+    _log.info(
+        "id={queue_id} sender {kind} notification: {notification_id}",
+        queue_id=queue_id,
+        kind=kind,
+        notification_id=notification_id,
     )
 
 

@@ -32,7 +32,7 @@ from twisted_mta.auth.mechanisms import challengers
 from twisted_mta.auth.throttle import AuthThrottle
 from twisted_mta.config import Config, ConfigError, load_config
 from twisted_mta.directory.resolve import Directory
-from twisted_mta.intake.acceptance import MailRealm, MailSystem
+from twisted_mta.intake.acceptance import MailSystem
 from twisted_mta.intake.maildrop import MaildropService
 from twisted_mta.intake.spool import Spool
 from twisted_mta.queue.bounces import dsn_reporter
@@ -41,6 +41,7 @@ from twisted_mta.queue.scheduler import Policy, Scheduler
 from twisted_mta.queue.store import QueueStore
 from twisted_mta.relay.router import Router, make_resolver
 from twisted_mta.smtp.proxy import ProxyWrappingFactory
+from twisted_mta.smtp.realm import MailRealm
 from twisted_mta.smtp.sasl import usable_mechanisms
 from twisted_mta.smtp.server import ConnectionLimits, MTAFactory, ServerSettings, Sessions
 from twisted_mta.storage.committer import Committer

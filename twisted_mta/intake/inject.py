@@ -1,13 +1,13 @@
 """Submit a message that did not come over SMTP: the maildrop, bounces.
 
 Such a message takes the way an SMTP one takes, so that nothing about
-delivery differs: a policy ``Transaction`` on a local ``Session`` (listener
-``sendmail`` or ``bounce``, client ``127.0.0.1``) decides on each recipient
-as RCPT would (local domains through the directory, other domains to the
-queue, unknown local recipients refused), and the spool's
+delivery differs: an intake ``Transaction`` on a local ``Session``
+(listener ``sendmail`` or ``bounce``, client ``127.0.0.1``) decides on each
+recipient as RCPT would (local domains through the directory, other
+domains to the queue, unknown local recipients refused), and the spool's
 ``IncomingMessage`` makes it durable before the returned Deferred fires.
-Local submission may relay whatever ``[relay] networks`` says, like
-Postfix's pickup: the local user could as well connect to 127.0.0.1.
+Local submission may relay, like Postfix's pickup: the local user could
+as well connect to 127.0.0.1.
 
 The message is stored with LF line endings: CRLF and lone CR become LF (the
 input is a local file, not an SMTP stream, so a bare CR or LF is not an
@@ -25,9 +25,7 @@ queue scheduler's reports go through :func:`dsn_reporter`.
 
 from __future__ import annotations
 
-import dataclasses
 import email.utils
-import ipaddress
 import re
 import sys
 import time
@@ -36,10 +34,10 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from twisted.internet import defer
-from twisted.mail.smtp import SMTPServerError
-from twisted.python import log
 
+from twisted_mta import maillog
 from twisted_mta.intake.acceptance import MailSystem, Session, Transaction
+from twisted_mta.intake.refusal import Refusal
 from twisted_mta.intake.spool import IncomingMessage
 from twisted_mta.mail.address import (
     Address,
@@ -65,7 +63,6 @@ DOUBLE_BOUNCE = "double-bounce"
 LOCAL_IP = "127.0.0.1"
 CHUNK = 64 * 1024
 
-_LOCAL_NETWORK = ipaddress.ip_network(f"{LOCAL_IP}/32")
 _SAFE_USER = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
@@ -114,8 +111,8 @@ def inject(
     submitted it, for the Received header and the log.  Fails with
     ``PathError`` if ``sender`` is not an address, with
     :class:`InjectionRefused` if no recipient was accepted, with the
-    ``Refusal`` of a temporary failure (a directory that cannot be read) and
-    with the spool's ``StorageError`` if the message could not be stored.
+    ``Refusal`` of a temporary failure (a directory that cannot be read, or
+    the spool's ``StorageError`` if the message could not be stored).
     """
     return defer.ensureDeferred(
         _inject(system, sender, recipients, message, origin, _safe_user(user))
@@ -153,9 +150,9 @@ async def _inject(
 ) -> str:
     arrival, started = time.time(), time.monotonic()
     start = 0 if isinstance(message, bytes) else message.tell()
-    transaction = _transaction(system, origin)
+    transaction = Transaction(system, Session(origin, LOCAL_IP, local=True))
     sender_address = _sender(sender)
-    transaction.validateFrom(None, sender_address)
+    transaction.accept_sender(sender_address)
     if _loops(system, message, start):
         refused = [Refused(r, 554, "5.4.6", "too many hops (mail loop?)") for r in recipients]
     else:
@@ -188,7 +185,7 @@ async def _send_dsn(
     origin: str = BOUNCE,
 ) -> str | None:
     if not should_bounce(sender):
-        log.msg(f"id={queue_id} no notification: the sender is null")
+        maillog.no_notification(queue_id)
         return None
     notification = build_dsn(
         system.hostname, queue_id, arrival, sender, failures, original_headers, time.time()
@@ -196,17 +193,11 @@ async def _send_dsn(
     try:
         bounce_id = await _inject(system, "", [sender], notification, origin, None)
     except InjectionRefused as refusal:
-        replies = "; ".join(r.reply for r in refusal.refused)
-        log.msg(f"id={queue_id} sender notification refused: {replies}")
+        maillog.notification_refused(queue_id, "; ".join(r.reply for r in refusal.refused))
         return None
     kind = "non-delivery" if any(f.action == FAILED for f in failures) else "delay"
-    log.msg(f"id={queue_id} sender {kind} notification: {bounce_id}")
+    maillog.notification_sent(queue_id, kind, bounce_id)
     return bounce_id
-
-
-def _transaction(system: MailSystem, origin: str) -> Transaction:
-    local = dataclasses.replace(system, relay_networks=(_LOCAL_NETWORK,))
-    return Transaction(local, Session(listener=origin, client_ip=LOCAL_IP), None)
 
 
 def _sender(sender: str) -> Address | NullAddress:
@@ -214,29 +205,19 @@ def _sender(sender: str) -> Address | NullAddress:
     return command.sender
 
 
-@dataclass(frozen=True)
-class _Rcpt:
-    """What ``Transaction.validateTo`` reads of Twisted's ``smtp.User``."""
-
-    dest: Address
-    helo: tuple[None, None] = (None, None)
-    orig: None = None
-
-
 def _add_recipient(transaction: Transaction, recipient: str) -> Refused | None:
     """Offer one recipient as RCPT would; the refusal, if any."""
     try:
         command = parse_rcpt(f"TO:<{recipient}>".encode(), smtputf8=True)
-        transaction.validateTo(_Rcpt(command.recipient))
+        transaction.accept_recipient(command.recipient)
     except PathError as error:
         # Not an address: shown in the log and the bounce, so made harmless.
         shown = _CONTROL.sub("?", recipient)
         return Refused(shown, error.code, error.enhanced, error.text)
-    except SMTPServerError as error:
-        if error.code < 500:
+    except Refusal as refusal:
+        if refusal.code < 500:
             raise  # temporary: the whole message is tried again later, not bounced
-        status, _, text = str(error.resp).partition(" ")
-        return Refused(recipient, error.code, status, text)
+        return Refused(recipient, refusal.code, refusal.enhanced, refusal.text)
     return None
 
 
@@ -244,7 +225,7 @@ async def _store(transaction: Transaction, message: MessageSource, user: str | N
     """Write the message into the spool; its size once durable."""
     transaction.body = "8BITMIME" if _is_8bit(message) else "7BIT"
     received = _received(transaction, user)
-    incoming = transaction.open_message(received)
+    incoming = transaction.open(received)
     try:
         _write_normalised(incoming, message)
     except BaseException:
@@ -329,20 +310,22 @@ def _write_normalised(incoming: IncomingMessage, message: MessageSource) -> None
 
 def _log_accepted(transaction: Transaction, size: int, user: str | None) -> None:
     """The line the SMTP server logs after its ``250``."""
-    log.msg(
-        f"id={transaction.queue_id} from=<{transaction.sender}> size={size} "
-        f"nrcpt={len(transaction.recipients)} client=localhost[{LOCAL_IP}] "
-        f"listener={transaction.session.listener}" + (f" user={user}" if user else "")
+    maillog.accepted(
+        transaction.queue_id,
+        transaction.sender,
+        size,
+        len(transaction.recipients),
+        client_ip=LOCAL_IP,
+        listener=transaction.session.listener,
+        local=True,
+        user=user,
     )
 
 
 def _log_refused(queue_id: str, refused: Sequence[Refused], started: float) -> None:
-    delay = f"delay={time.monotonic() - started:.2f}"
+    delay = time.monotonic() - started
     for refusal in refused:
-        log.msg(
-            f"id={queue_id} to=<{refusal.recipient}> relay=none {delay} "
-            f"status=bounced ({refusal.reply})"
-        )
+        maillog.delivery(queue_id, refusal.recipient, "none", delay, "bounced", refusal.reply)
 
 
 def _failure(refusal: Refused, now: float) -> RecipientFailure:

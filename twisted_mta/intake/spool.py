@@ -29,11 +29,12 @@ from pathlib import Path
 
 from twisted.internet import defer
 from twisted.mail.interfaces import IMessageSMTP
-from twisted.mail.smtp import SMTPServerError
 from twisted.python import log
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_mta import maillog
+from twisted_mta.intake.refusal import Refusal
 from twisted_mta.mail.mailbox import Mailbox
 from twisted_mta.storage.committer import Committer, PendingFile, discard
 from twisted_mta.storage.envelope import Envelope
@@ -52,11 +53,11 @@ from twisted_mta.storage.maildir import (
 _NO_COPY_FILE_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
 
-class StorageError(SMTPServerError):
+class StorageError(Refusal):
     """The message could not be made durable; the client should retry."""
 
     def __init__(self, reason: str) -> None:
-        super().__init__(452, f"4.3.1 Insufficient system storage ({reason})".encode())
+        super().__init__(452, "4.3.1", f"Insufficient system storage ({reason})")
 
 
 def _storage_error(queue_id: str, error: OSError) -> StorageError:
@@ -232,17 +233,14 @@ class IncomingMessage:
         acknowledged.errback(failure)
 
     def _log_deliveries(self) -> None:
-        common = f"id={self.queue_id}"
-        delay = f"delay={time.monotonic() - self._arrival:.2f}"
+        delay = time.monotonic() - self._arrival
         for _, delivered_to in sorted(self.mailboxes.items()):
-            log.msg(
-                f"{common} to=<{delivered_to}> relay=local {delay} "
-                "status=sent (delivered to maildir)"
+            maillog.delivery(
+                self.queue_id, delivered_to, "local", delay, "sent", "delivered to maildir"
             )
         for address in self.envelope.remote:
-            log.msg(
-                f"{common} to=<{address}> relay=none {delay} "
-                "status=deferred (queued for relay)"
+            maillog.delivery(
+                self.queue_id, address, "none", delay, "deferred", "queued for relay"
             )
 
     def _complete_files(self) -> None:

@@ -36,6 +36,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.python import log
 
+from twisted_mta import maillog
 from twisted_mta.intake.spool import StorageError
 from twisted_mta.queue.store import CorruptMessage, QueueStore
 from twisted_mta.storage.envelope import FAILED, SENT, QueuedMessage, RecipientState, UnknownMessage
@@ -374,7 +375,6 @@ def _log_attempt(
     status = {SENT: "sent", FAILED: "bounced"}.get(state.state, "deferred")
     # Like Postfix, a delivery shows the remote's reply (its queue id).
     detail = f"{state.status} {state.last_error or outcome.text or 'delivered'}"
-    log.msg(
-        f"id={message.id} to=<{state.address}> relay={state.remote or 'none'} "
-        f"delay={now - message.arrival:.2f} status={status} ({detail})"
+    maillog.delivery(
+        message.id, state.address, state.remote or "none", now - message.arrival, status, detail
     )

@@ -40,11 +40,12 @@ from twisted.python import log
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_mta import maillog
 from twisted_mta.auth.throttle import AuthThrottle
-from twisted_mta.intake.acceptance import ITransactionDelivery, Session
+from twisted_mta.intake.acceptance import Session
+from twisted_mta.intake.refusal import Refusal
 from twisted_mta.mail.address import PathError, parse_mail, parse_rcpt
-from twisted_mta.mail.text import escape
-from twisted_mta.maillog import Stage, log_reject
+from twisted_mta.maillog import Stage
 from twisted_mta.smtp.data import (
     BARE_LINE_ENDING,
     LINE_TOO_LONG,
@@ -53,6 +54,7 @@ from twisted_mta.smtp.data import (
     DataDecoder,
 )
 from twisted_mta.smtp.modes import AUTH, CLOSED, COMMAND, DATA
+from twisted_mta.smtp.realm import ITransactionDelivery
 from twisted_mta.smtp.sasl import SaslMixin
 
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, including the CRLF
@@ -290,10 +292,8 @@ class MTAServer(SaslMixin, smtp.ESMTP):
         self._mode = CLOSED
         self._drop_message()
         if in_data:
-            queue_id = getattr(self.delivery, "queue_id", None) or "-"
-            log.msg(
-                f"id={queue_id} lost connection after DATA from "
-                f"unknown[{self.session.client_ip}]; message discarded"
+            maillog.lost_after_data(
+                getattr(self.delivery, "queue_id", None), self.session.client_ip
             )
         if self._counted:
             self._counted = False
@@ -424,7 +424,7 @@ class MTAServer(SaslMixin, smtp.ESMTP):
         """
         self.reply(*reply)
         known = {key: None if value is None else str(value) for key, value in envelope.items()}
-        log_reject(self.session, stage, *reply, **known)
+        maillog.reject(self.session, stage, *reply, **known)
 
     def _refuse_failure(self, failure: Failure, stage: Stage, **envelope: object) -> None:
         self._refuse(stage, self._failure_reply(failure), **envelope)
@@ -439,6 +439,8 @@ class MTAServer(SaslMixin, smtp.ESMTP):
         and hangs the client otherwise (S11); we take either.
         """
         error = failure.value
+        if isinstance(error, Refusal):
+            return error.code, error.enhanced, error.text
         if not isinstance(error, smtp.SMTPServerError):
             log.err(failure, "unexpected error in SMTP session")
             return _LOCAL_ERROR
@@ -791,11 +793,15 @@ class MTAServer(SaslMixin, smtp.ESMTP):
     def _message_stored(self, _result, size: int) -> None:
         queue_id = getattr(self.delivery, "queue_id", None) or "-"
         self._junk = 0
-        log.msg(
-            f"id={queue_id} from=<{escape(str(self._from))}> size={size} nrcpt={len(self._to)} "
-            f"client=unknown[{self.session.client_ip}] listener={self.settings.listener}"
-            + (f" tls={self.session.tls.split()[0]}" if self.session.tls else "")
-            + (f" sasl_username={escape(self.session.user)}" if self.session.user else "")
+        maillog.accepted(
+            queue_id,
+            str(self._from),
+            size,
+            len(self._to),
+            client_ip=self.session.client_ip,
+            listener=self.settings.listener,
+            tls=self.session.tls,
+            sasl_username=self.session.user,
         )
         self.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
