@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from twisted_mta.intake.acceptance import MailSystem
 from twisted_mta.intake.maildrop import MaildropService
 from twisted_mta.intake.spool import Spool
 from twisted_mta.storage import drop as drop_module
+from twisted_mta.storage import files as files_module
 from twisted_mta.storage.committer import Committer
 from twisted_mta.storage.drop import DropEnvelope, write_drop
 
@@ -239,9 +241,10 @@ def test_drop_is_fsynced_then_renamed_then_the_folder_fsynced(tmp_path, monkeypa
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
-    monkeypatch.setattr(drop_module, "fsync_directory", lambda d: events.append(("dir", d)))
+    monkeypatch.setattr(files_module, "fsync_directory", lambda d: events.append(("dir", str(d))))
     final = write_drop(tmp_path, ENVELOPE, b"Subject: x\n\nbody\n")
-    temporary = f".{final.name}.tmp"
+    temporary = Path(events[0][1]).name
+    assert re.fullmatch(rf"\.{re.escape(final.name)}\.[0-9a-f]{{16}}\.tmp", temporary)
     assert events == [
         ("fsync", str(tmp_path / temporary)),
         ("rename", f"{temporary} -> {final.name}"),

@@ -117,7 +117,7 @@ class MTAService(service.MultiService):
             config.auth.failure_delay, config.limits.max_auth_failures_per_ip
         )
         self.sessions = Sessions()
-        intake = _intake(config, self.spool, self.checkers)
+        intake = build_intake(config, self.spool, self.checkers)
         self.listeners = service.MultiService()
         self.listeners.setServiceParent(self)
         self.proxies: list[ProxyWrappingFactory] = []
@@ -242,7 +242,7 @@ class MTAService(service.MultiService):
         log.msg(f"reload: config {config.source or '(defaults)'} re-read{note}")
 
     def _apply(self, config: Config) -> None:
-        intake = _intake(config, self.spool, self.checkers)
+        intake = build_intake(config, self.spool, self.checkers)
         for kind, factories in self.factories.items():
             for factory in factories:
                 factory.reconfigure(intake.portal, _settings(config, kind), intake.mechanisms)
@@ -339,7 +339,9 @@ def _value(config: Config, path: list[str]):
     return value
 
 
-def _intake(config: Config, spool: Spool, checkers: Sequence) -> Intake:
+def build_intake(config: Config, spool: Spool, checkers: Sequence = ()) -> Intake:
+    """The mail system, the cred portal and the AUTH mechanisms of ``config``:
+    what decides on mail and logins, for the server and for the tests."""
     directory = Directory(
         frozenset(config.domains.local),
         config.domains.recipient_delimiter,

@@ -2,9 +2,8 @@
 
 The command cannot talk to the daemon (it may be down) and must not lose a
 message, so it writes each one as a file into ``spool/maildrop/``: a JSON
-envelope on the first line, then the message.  The file is written under a
-hidden temporary name, fsynced, renamed into place and the directory
-fsynced, so a visible name is always a complete file.
+envelope on the first line, then the message, written atomically (a
+visible name is always a complete file).
 
 The directory is made mode 1733 when the daemon creates it (like /tmp but
 not listable), so that any local user can drop mail but not see or remove
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from twisted_mta.storage.files import fsync_directory
+from twisted_mta.storage.files import fsync_directory, write_atomically
 
 DROP_VERSION = 1
 MAX_ENVELOPE = 1024 * 1024  # the JSON line; room for thousands of recipients
@@ -96,34 +95,12 @@ def _recipients(document: dict) -> list[str]:
 def write_drop(directory: Path, envelope: DropEnvelope, message: bytes) -> Path:
     """Write one drop durably; its final path.  Raises OSError.
 
-    Temporary name, fsync, rename, fsync of the directory: once this
-    returns, the message survives a crash, and the daemon never sees half
-    a file (it ignores hidden names).
+    Once this returns, the message survives a crash, and the daemon never
+    sees half a file (it ignores hidden names).
     """
-    name = f"{time.time_ns():020d}.{os.getpid()}.{secrets.token_hex(8)}"
-    final = directory / name
-    temporary = directory / f".{name}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        with os.fdopen(os.open(temporary, flags, FILE_MODE), "wb") as stream:
-            stream.write(envelope.to_line())
-            stream.write(message)
-            stream.flush()
-            os.fchmod(stream.fileno(), FILE_MODE)  # whatever the umask
-            os.fsync(stream.fileno())
-        os.rename(temporary, final)
-    except BaseException:
-        _remove_quietly(temporary)
-        raise
-    fsync_directory(str(directory))
+    final = directory / f"{time.time_ns():020d}.{os.getpid()}.{secrets.token_hex(8)}"
+    write_atomically(final, (envelope.to_line(), message), FILE_MODE)
     return final
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def prepare_directory(directory: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -16,24 +18,31 @@ def fsync_directory(path: str | os.PathLike[str]) -> None:
 
 
 def write_atomically(
-    path: Path, data: bytes, mode: int = 0o600, owner: tuple[int, int] | None = None
+    path: Path,
+    data: bytes | Sequence[bytes],
+    mode: int = 0o600,
+    owner: tuple[int, int] | None = None,
 ) -> None:
-    """Replace ``path`` with ``data``: a crash leaves the old or the new file.
+    """Replace ``path`` with ``data`` (bytes, or chunks written in order):
+    a crash leaves the old file or the new one.
 
-    The data goes to a temporary name beside ``path``, is fsynced, renamed
-    over ``path``, and the directory is fsynced.  ``owner`` (uid, gid) is
-    given to the new file when it is not ours already: root editing a file
-    the daemon reads must leave it the daemon's.
+    The data goes to a new hidden name beside ``path`` (never an existing
+    file or link: the folder may be writable by others), is fsynced,
+    renamed over ``path``, and the directory is fsynced.  The file gets
+    exactly ``mode``, whatever the umask, and ``owner`` (uid, gid) when it
+    is not ours already: root editing a file the daemon reads must leave it
+    the daemon's.
     """
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(temporary, flags, mode)
     try:
         try:
+            os.fchmod(fd, mode)
             if owner is not None and owner != (os.geteuid(), os.getegid()):
                 os.fchown(fd, *owner)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for chunk in [data] if isinstance(data, bytes) else data:
+                _write_all(fd, chunk)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -43,6 +52,12 @@ def write_atomically(
         _remove_quietly(temporary)
         raise
     fsync_directory(path.parent)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def make_directories(path: Path) -> None:
