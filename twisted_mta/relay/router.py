@@ -23,14 +23,9 @@ from twisted.names import client as dns_client
 from twisted_mta.config import RelayConfig, parse_hostport
 from twisted_mta.queue.scheduler import Outcome
 from twisted_mta.queue.store import QueueStore
-from twisted_mta.relay.client import (
-    Outgoing,
-    RelayError,
-    RelayTarget,
-    Timeouts,
-    open_session,
-)
 from twisted_mta.relay.mx import RouteError, host_addresses, mx_hosts
+from twisted_mta.relay.outgoing import Outgoing, RelayError, RelayTarget, Timeouts
+from twisted_mta.relay.session import open_session
 from twisted_mta.storage.envelope import QueuedMessage, RecipientState
 
 
