@@ -26,18 +26,16 @@ from twisted.internet.selectreactor import SelectReactor
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from twisted_mta.relay.client import (
-    CHUNK_SIZE,
+from twisted_mta.relay.body import CHUNK_SIZE, DataEncoder
+from twisted_mta.relay.outgoing import (
     AttemptResult,
-    DataEncoder,
     Outgoing,
     RecipientResult,
     RelayError,
     RelayTarget,
     Timeouts,
-    deliver,
-    open_session,
 )
+from twisted_mta.relay.session import deliver, open_session
 
 QUICK = Timeouts(connect=5, command=5, data_block=5, data_end=5)
 TINY = Timeouts(connect=5, command=0.3, data_block=0.3, data_end=0.3)

@@ -30,7 +30,7 @@ from twisted.python import log
 from twisted_mta.auth.checker import FirstMatch, UsersFileChecker, cram_md5_warning
 from twisted_mta.auth.mechanisms import challengers
 from twisted_mta.auth.throttle import AuthThrottle
-from twisted_mta.config import Config, ConfigError, load_config
+from twisted_mta.config import Config, ConfigError, load_config, parse_hostport
 from twisted_mta.directory.resolve import Directory
 from twisted_mta.intake.acceptance import MailSystem
 from twisted_mta.intake.maildrop import MaildropService
@@ -39,7 +39,7 @@ from twisted_mta.queue.bounces import dsn_reporter
 from twisted_mta.queue.flush import FlushListener
 from twisted_mta.queue.scheduler import Policy, Scheduler
 from twisted_mta.queue.store import QueueStore
-from twisted_mta.relay.router import Router, make_resolver
+from twisted_mta.relay.router import Router, RouterSettings, SmartHost, make_resolver
 from twisted_mta.smtp.proxy import ProxyWrappingFactory
 from twisted_mta.smtp.realm import MailRealm
 from twisted_mta.smtp.sasl import usable_mechanisms
@@ -126,8 +126,9 @@ class MTAService(service.MultiService):
         self.queue.setServiceParent(self)
         self.maildrop = MaildropService(config.maildrop_dir, intake.system, reactor)
         self.maildrop.setServiceParent(self.queue)
-        resolver = make_resolver(config.relay.resolvers)
-        self.router = Router(reactor, resolver, config.hostname, config.relay, self.store)
+        relay_settings = _router_settings(config)
+        resolver = make_resolver(relay_settings.resolvers)
+        self.router = Router(reactor, resolver, config.hostname, relay_settings, self.store)
         self.router.setServiceParent(self.queue)
         self.scheduler = Scheduler(
             self.store,
@@ -256,8 +257,8 @@ class MTAService(service.MultiService):
         self.scheduler.policy = _queue_policy(config)
         self.scheduler.report = dsn_reporter(intake.system, self.store, config.queue.lifetime)
         self.router.helo_name = config.hostname
-        self.router.relay = config.relay
-        self.router.resolver = make_resolver(config.relay.resolvers)
+        self.router.settings = _router_settings(config)
+        self.router.resolver = make_resolver(self.router.settings.resolvers)
 
     def _use_certificate(self, certificate: Certificate) -> None:
         self._certificate = certificate
@@ -378,6 +379,26 @@ def _queue_policy(config: Config) -> Policy:
         retry_max=config.queue.retry_max,
         lifetime=config.queue.lifetime,
         delay_warning=config.queue.delay_warning,
+    )
+
+
+def _router_settings(config: Config) -> RouterSettings:
+    relay = config.relay
+    smarthost = None
+    if relay.smarthost:
+        host, port = parse_hostport(relay.smarthost, 25)
+        smarthost = SmartHost(
+            host=host,
+            port=port,
+            tls=relay.smarthost_tls,
+            ca_file=relay.ca_file,
+            user=relay.smarthost_user or None,
+            password_file=relay.smarthost_password_file,
+        )
+    return RouterSettings(
+        smarthost=smarthost,
+        mx_port=relay.mx_port,
+        resolvers=tuple(parse_hostport(entry, 53) for entry in relay.resolvers),
     )
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Literal, TypeVar, get_args
+from typing import TypeVar
 
 from OpenSSL import SSL
 from twisted.internet import error as net_error
@@ -41,8 +41,8 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-TLSMode = Literal["may", "starttls", "implicit", "none"]
-TLS_MODES: frozenset[str] = frozenset(get_args(TLSMode))
+from twisted_mta.relay.outgoing import RelayError, TLSFailed, temporary
+
 TLSCreator = IOpenSSLClientConnectionCreator | CertificateOptions
 
 T = TypeVar("T")
@@ -54,49 +54,6 @@ _CONNECT_ERRORS: dict[type[Exception], str] = {
     net_error.TimeoutError: "Connection timed out",
     net_error.NoRouteError: "No route to host",
 }
-
-
-class RelayError(Exception):
-    """An attempt failed for every recipient not yet decided.
-
-    ``code`` and ``status`` are the verdict (their first digits agree);
-    ``text`` is the remote's reply when ``in_reply_to`` names the command
-    it answered, else our own description.  ``remote`` is
-    ``"host[ip]:port"`` once a connection was made.
-    """
-
-    def __init__(
-        self,
-        code: int,
-        status: str,
-        text: str,
-        in_reply_to: str | None = None,
-        remote: str | None = None,
-    ) -> None:
-        super().__init__(text)
-        self.code = code
-        self.status = status
-        self.text = text
-        self.in_reply_to = in_reply_to
-        self.remote = remote
-
-    @property
-    def permanent(self) -> bool:
-        return self.status.startswith("5")
-
-
-class TLSFailed(RelayError):
-    """The TLS handshake failed (or the certificate did not verify)."""
-
-
-def temporary(status: str, text: str, remote: str | None = None) -> RelayError:
-    """A failure of ours (not a remote reply) worth retrying later."""
-    return RelayError(451, status, text, remote=remote)
-
-
-def permanent(status: str, text: str, remote: str | None = None) -> RelayError:
-    """A failure of ours (not a remote reply) that retrying cannot cure."""
-    return RelayError(554, status, text, remote=remote)
 
 
 def describe(name: str, address: str, port: int) -> str:

@@ -1,12 +1,16 @@
 """From a queued message's recipients to delivery attempts.
 
-Recipients of one domain go in one transaction.  With ``smarthost`` set,
-everything goes there (TLS as ``smarthost_tls`` says, AUTH with the
-configured user); otherwise to the domain's MX hosts in order, each over
-all of its addresses, with opportunistic TLS on ``mx_port``.  A host that
-cannot be reached, or refuses the session, passes the turn to the next one;
-the first that takes the session gives the per-recipient results.  Names
-are resolved through ``[relay] resolvers`` (or the system's).
+Recipients of one domain go in one transaction.  With a smart host set,
+everything goes there (TLS as its mode says, AUTH with its user);
+otherwise to the domain's MX hosts in order, each over all of its
+addresses, with opportunistic TLS on ``mx_port``.  A host that cannot be
+reached, or refuses the session, passes the turn to the next one; the
+first that takes the session gives the per-recipient results.  Names are
+resolved through the resolvers :func:`make_resolver` is given (or the
+system's).
+
+The router takes its own settings, :class:`RouterSettings` (with a
+:class:`SmartHost`): the service builds them from ``[relay]``.
 """
 
 from __future__ import annotations
@@ -18,32 +22,57 @@ from pathlib import Path
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.interfaces import IResolver
 from twisted.names import client as dns_client
 
-from twisted_mta.config import RelayConfig, parse_hostport
 from twisted_mta.queue.scheduler import Outcome
 from twisted_mta.queue.store import QueueStore
-from twisted_mta.relay.client import (
-    Outgoing,
-    RelayError,
-    RelayTarget,
-    Timeouts,
-    open_session,
-)
 from twisted_mta.relay.mx import RouteError, host_addresses, mx_hosts
+from twisted_mta.relay.outgoing import Outgoing, RelayError, RelayTarget, Timeouts, TLSMode
+from twisted_mta.relay.session import open_session
 from twisted_mta.storage.envelope import QueuedMessage, RecipientState
 
 
-def make_resolver(resolvers: Sequence[str]):
-    """A twisted.names resolver for ``["ip:port", ...]``, or the system's.
+@dataclass(frozen=True)
+class SmartHost:
+    """The one host all mail goes to, and how.
+
+    ``tls`` is ``"starttls"``, ``"implicit"`` or ``"none"``; ``ca_file``
+    adds trust anchors for its certificate.  With ``user`` set, AUTH uses
+    the first line of ``password_file`` as the password, read at each
+    attempt.
+    """
+
+    host: str
+    port: int = 25
+    tls: TLSMode = "starttls"
+    ca_file: Path | None = None
+    user: str | None = None
+    password_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """Through ``smarthost`` if set, else to the MX hosts on ``mx_port``.
+
+    ``resolvers`` are the ``(ip, port)`` of the name servers to ask, for
+    :func:`make_resolver`; none means the system's.
+    """
+
+    smarthost: SmartHost | None = None
+    mx_port: int = 25
+    resolvers: tuple[tuple[str, int], ...] = ()
+
+
+def make_resolver(servers: Sequence[tuple[str, int]]) -> IResolver:
+    """A twisted.names resolver for ``[(ip, port), ...]``, or the system's.
 
     With servers given, /etc/resolv.conf is not read at all: those servers
     and /etc/hosts are the only sources.
     """
-    servers = [parse_hostport(entry, 53) for entry in resolvers]
     if not servers:
         return dns_client.createResolver()
-    return dns_client.createResolver(servers=servers, resolvconf=os.devnull)
+    return dns_client.createResolver(servers=list(servers), resolvconf=os.devnull)
 
 
 # How long an idle connection is kept for the next message to the same
@@ -56,7 +85,7 @@ class Router(service.Service):
     reactor: object
     resolver: object
     helo_name: str
-    relay: RelayConfig
+    settings: RouterSettings
     store: QueueStore
     timeouts: Timeouts = Timeouts()
     _idle: dict = field(default_factory=dict)
@@ -68,8 +97,9 @@ class Router(service.Service):
 
     def destination(self, address: str) -> str:
         """The key grouping recipients into one transaction."""
-        if self.relay.smarthost:
-            return f"[smarthost] {self.relay.smarthost}"
+        smarthost = self.settings.smarthost
+        if smarthost is not None:
+            return f"[smarthost] {smarthost.host}:{smarthost.port}"
         return address.rpartition("@")[2].lower()
 
     def deliver(
@@ -154,8 +184,9 @@ class Router(service.Service):
         session.close()
 
     async def _targets(self, domain: str) -> list[RelayTarget]:
-        if self.relay.smarthost:
-            return [await self._smarthost()]
+        smarthost = self.settings.smarthost
+        if smarthost is not None:
+            return [await self._smarthost(smarthost)]
         hosts = await mx_hosts(self.resolver, domain)
         targets = []
         lookup_failure = None
@@ -165,7 +196,7 @@ class Router(service.Service):
             except RouteError as error:
                 # A name server failing now says nothing about tomorrow.
                 lookup_failure, found = error, []
-            targets.append(RelayTarget(host.name, tuple(found), self.relay.mx_port, "may"))
+            targets.append(RelayTarget(host.name, tuple(found), self.settings.mx_port, "may"))
         if not any(t.addresses for t in targets):
             if lookup_failure is not None:
                 raise lookup_failure
@@ -173,15 +204,20 @@ class Router(service.Service):
                 raise RouteError(True, "5.1.2", f"Host or domain name not found: {domain}")
         return targets
 
-    async def _smarthost(self) -> RelayTarget:
-        host, port = parse_hostport(self.relay.smarthost, 25)
-        found = await host_addresses(self.resolver, host)
-        user = self.relay.smarthost_user or None
-        password = _first_line(self.relay.smarthost_password_file) if user else None
-        if user and password is None:
+    async def _smarthost(self, smarthost: SmartHost) -> RelayTarget:
+        found = await host_addresses(self.resolver, smarthost.host)
+        user = smarthost.user
+        password = None if user is None else _first_line(smarthost.password_file)
+        if user is not None and password is None:
             raise RouteError(False, "4.7.8", "smart host password file is missing or empty")
         return RelayTarget(
-            host, tuple(found), port, self.relay.smarthost_tls, self.relay.ca_file, user, password
+            smarthost.host,
+            tuple(found),
+            smarthost.port,
+            smarthost.tls,
+            smarthost.ca_file,
+            user,
+            password,
         )
 
 
