@@ -20,7 +20,6 @@ ROOT = Path(twisted_mta.__file__).parent
 LAYERS = {
     "twisted_mta.mail": 0,
     "twisted_mta.watch": 0,
-    "twisted_mta.config": 0,
     "twisted_mta.storage": 1,
     "twisted_mta.maillog": 1,
     "twisted_mta.directory": 2,
@@ -30,10 +29,11 @@ LAYERS = {
     "twisted_mta.queue": 4,
     "twisted_mta.smtp": 4,
     "twisted_mta.relay": 5,
-    "twisted_mta.service": 6,
-    "twisted_mta.cli": 6,
-    "twisted_mta.tap": 7,
-    "twisted_mta.sendmail": 6,
+    "twisted_mta.config": 6,
+    "twisted_mta.service": 7,
+    "twisted_mta.cli": 7,
+    "twisted_mta.tap": 8,
+    "twisted_mta.sendmail": 7,
 }
 
 
