@@ -1,25 +1,8 @@
-import sys
-from pathlib import Path
-
 import pytest
 from twisted.logger import formatEvent, globalLogPublisher
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from daemon import make_daemon  # noqa: E402
-
-USERS = """\
-alice@example.test:{PLAIN}alice-secret
-bob@example.test:{PLAIN}bob-secret
-"""
-
-ALIASES = """\
-info@example.test: alice@example.test, bob@example.test
-sales: bob@example.test
-both@example.test: alice@example.test, friend@remote.example
-loop1@example.test: loop2@example.test
-loop2@example.test: loop1@example.test
-"""
+from tests.helpers.accounts import ALIASES, USERS
+from tests.helpers.daemon import make_daemon
 
 
 @pytest.fixture(scope="module")
