@@ -47,18 +47,17 @@ def modules() -> dict[str, Path]:
 
 
 def imported(path: Path, known: set[str]) -> Iterator[str]:
-    """The twisted_mta modules ``path`` imports (a name imported from a
-    package that is itself a module counts as that module)."""
+    """The twisted_mta modules ``path`` imports: ``from A import B`` imports
+    ``A``, and ``A.B`` too when that is a module."""
     tree = ast.parse(path.read_text(), str(path))
     for node in _walk_outside_type_checking(tree):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [f"{node.module}.{alias.name}" for alias in node.names]
-            names = [name if name in known else node.module for name in names]
+            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
         else:
             continue
-        yield from (name for name in names if name.startswith("twisted_mta"))
+        yield from (name for name in names if name.startswith("twisted_mta") and name in known)
 
 
 def _walk_outside_type_checking(node: ast.AST) -> Iterator[ast.AST]:

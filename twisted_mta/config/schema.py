@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from twisted_mta.config import values
+import twisted_mta.config.values as values
 from twisted_mta.config.endpoints import endpoints
 from twisted_mta.config.values import Network, ParseContext
 

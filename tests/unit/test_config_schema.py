@@ -21,7 +21,7 @@ from twisted_mta.config import Config
 from twisted_mta.config.schema import Setting, sections, settings
 from twisted_mta.config.values import ParseContext
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "mta.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "mta.toml"
 TWISTED_MTA = Path(sys.executable).parent / "twisted-mta"
 
 _TABLE = re.compile(r"\[([a-z_]+)\]")
