@@ -43,6 +43,7 @@ from twisted_mta.storage.maildir import (
     CREATE_FLAGS,
     STALE_AFTER,
     TemporaryFile,
+    delivery_headers,
     ensure_maildir,
     mailbox_path,
     open_temporary,
@@ -156,16 +157,12 @@ class IncomingMessage:
         if self.mailboxes:
             mailbox = min(self.mailboxes)
             self._primary_maildir, _ = self._open_in_maildir(mailbox)
-            header = self._trace_headers(self.mailboxes[mailbox]) + self.received
+            header = delivery_headers(self.envelope.sender, self.mailboxes[mailbox]) + self.received
         else:
             self._open_in_queue("msg")
             header = self.received
         self._primary_header = len(header)
         _write_all(self._files[0].fd, header)
-
-    def _trace_headers(self, delivered_to: str) -> bytes:
-        sender = self.envelope.sender
-        return f"Return-Path: <{sender}>\nDelivered-To: {delivered_to}\n".encode()
 
     def _open_in_maildir(self, mailbox: Mailbox) -> tuple[TemporaryFile, PendingFile]:
         """A new file in ``mailbox``'s tmp/; its final name waits for its size."""
@@ -261,7 +258,7 @@ class IncomingMessage:
             self._write_envelope()
 
     def _copy_to_mailbox(self, mailbox: Mailbox, delivered_to: str) -> None:
-        header = self._trace_headers(delivered_to)
+        header = delivery_headers(self.envelope.sender, delivered_to)
         temporary, pending = self._open_in_maildir(mailbox)
         pending.final = temporary.final_path(len(header) + self._shared_size())
         pending.prepare = self._copier(pending.fd, header)

@@ -41,6 +41,12 @@ def mailbox_path(mail_root: Path, domain: str, local: str) -> Path:
     return mail_root / check_path_component(domain) / check_path_component(local)
 
 
+def delivery_headers(sender: str, delivered_to: str) -> bytes:
+    """What a delivered file starts with: the envelope sender and the
+    address it was delivered to, as local delivery agents write them."""
+    return f"Return-Path: <{sender}>\nDelivered-To: {delivered_to}\n".encode()
+
+
 def ensure_maildir(path: Path) -> None:
     """Create ``path`` with tmp/new/cur (mode 0700) and make it durable."""
     if (path / "new").is_dir() and (path / "tmp").is_dir():
