@@ -14,7 +14,7 @@ from daemon import make_daemon
 from silent_client import SilentTLSClient
 from test_e2e_protocol import connect
 
-from twisted_mta.smtp.server import MAX_AUTH_LINE
+from twisted_mta.smtp.input import MAX_AUTH_LINE
 
 # Every slot of a scaled-down server taken by slow chatter from five
 # addresses, as 1,000 connections from 50 addresses took a default one.

@@ -31,7 +31,8 @@ from zope.interface import implementer
 
 from twisted_mta.auth.mechanisms import challengers
 from twisted_mta.auth.throttle import CHECKS, AuthThrottle
-from twisted_mta.smtp.server import ConnectionLimits, MTAServer
+from twisted_mta.smtp.limits import ConnectionLimits
+from twisted_mta.smtp.server import MTAServer
 
 GUESSER = "192.0.2.66"
 

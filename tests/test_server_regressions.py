@@ -43,14 +43,10 @@ from twisted_mta.auth.mechanisms import Login, Plain
 from twisted_mta.directory.resolve import Directory
 from twisted_mta.intake.acceptance import ITransactionDelivery, MailRealm, MailSystem
 from twisted_mta.intake.spool import Spool
-from twisted_mta.smtp.server import (
-    CLOSE_GRACE,
-    MAX_AUTH_LINE,
-    ConnectionLimits,
-    MTAServer,
-    ServerSettings,
-    Sessions,
-)
+from twisted_mta.smtp.dialogue import CLOSE_GRACE
+from twisted_mta.smtp.input import MAX_AUTH_LINE
+from twisted_mta.smtp.limits import ConnectionLimits, ServerSettings, Sessions
+from twisted_mta.smtp.server import MTAServer
 from twisted_mta.storage.committer import Committer
 
 HOSTNAME = "mx.example.test"
