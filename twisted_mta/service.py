@@ -40,10 +40,11 @@ from twisted_mta.queue.flush import FlushListener
 from twisted_mta.queue.scheduler import Policy, Scheduler
 from twisted_mta.queue.store import QueueStore
 from twisted_mta.relay.router import Router, RouterSettings, SmartHost, make_resolver
+from twisted_mta.smtp.factory import MTAFactory
+from twisted_mta.smtp.limits import ConnectionLimits, ServerSettings, Sessions
 from twisted_mta.smtp.proxy import ProxyWrappingFactory
 from twisted_mta.smtp.realm import MailRealm
 from twisted_mta.smtp.sasl import usable_mechanisms
-from twisted_mta.smtp.server import ConnectionLimits, MTAFactory, ServerSettings, Sessions
 from twisted_mta.storage.committer import Committer
 from twisted_mta.tls import Certificate, ServerTLS, TLSError, files_stamp, load_certificate
 

@@ -13,7 +13,7 @@ import time
 from tests.helpers.daemon import make_daemon
 from tests.helpers.raw import connect
 from tests.helpers.silent_client import SilentTLSClient
-from twisted_mta.smtp.server import MAX_AUTH_LINE
+from twisted_mta.smtp.input import MAX_AUTH_LINE
 
 # Every slot of a scaled-down server taken by slow chatter from five
 # addresses, as 1,000 connections from 50 addresses took a default one.

@@ -20,8 +20,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
+from twisted_mta.smtp.limits import ConnectionLimits, ServerSettings
 from twisted_mta.smtp.proxy import HEADER_TIMEOUT, ProxyWrappingFactory, is_trusted
-from twisted_mta.smtp.server import ConnectionLimits, MTAServer, ServerSettings
+from twisted_mta.smtp.server import MTAServer
 
 PROXY = "127.0.0.1"
 TRUSTED = (ipaddress.ip_network("127.0.0.0/30"), ipaddress.ip_network("2001:db8::/64"))

@@ -20,7 +20,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tests.unit.test_server_regressions import (
+from tests.helpers.smtp_session import (
     EHLO,
     HOSTNAME,
     SETTINGS,
@@ -31,7 +31,8 @@ from tests.unit.test_server_regressions import (
 )
 from twisted_mta.auth.mechanisms import challengers
 from twisted_mta.auth.throttle import CHECKS, AuthThrottle
-from twisted_mta.smtp.server import ConnectionLimits, MTAServer
+from twisted_mta.smtp.limits import ConnectionLimits
+from twisted_mta.smtp.server import MTAServer
 
 GUESSER = "192.0.2.66"
 

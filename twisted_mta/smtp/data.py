@@ -7,12 +7,19 @@ methods: it finds ``<CRLF>.<CRLF>`` (the only end of DATA), checks for bare
 CR or LF and over-long lines, turns CRLF into LF and removes dot-stuffing.
 After any fault it keeps reading, discarding, until the real end, so the
 body can never be read as commands.
+
+A ``DataTransfer`` is one message in DATA: the decoder and the message it
+writes to, and the first error the message raised.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from twisted_mta.mail.received import count_received
 
@@ -22,6 +29,13 @@ BARE_LINE_ENDING = "bare CR or LF"
 LINE_TOO_LONG = "line too long"
 TOO_BIG = "message too big"
 TOO_MANY_HOPS = "too many hops"
+
+FAULT_REPLIES = {
+    BARE_LINE_ENDING: (554, "5.6.0", "Error: bare CR or LF in message; message refused"),
+    LINE_TOO_LONG: (554, "5.6.0", "Error: line longer than 998 characters; message refused"),
+    TOO_BIG: (552, "5.3.4", "Error: message exceeds fixed maximum message size"),
+    TOO_MANY_HOPS: (554, "5.4.6", "Error: too many hops (mail loop?); message refused"),
+}
 
 
 @dataclass
@@ -129,3 +143,43 @@ def _has_long_line(body: bytes) -> bool:
             return True
         start = newline + 1
     return False
+
+
+class OpenMessage(Protocol):
+    """A message being received: the spool's, or a ``LineFanout``."""
+
+    def write(self, data: bytes) -> None:
+        """Body bytes, LF line endings, unstuffed."""
+
+    def eomReceived(self) -> defer.Deferred:
+        """The end of the message: store it."""
+
+    def connectionLost(self) -> None:
+        """Drop what was written."""
+
+
+class DataTransfer:
+    """One message in DATA: the decoder, and the message it writes to.
+
+    Twisted lets an ``IMessage`` raise ``SMTPServerError`` from
+    ``lineReceived`` to refuse a message in the middle (a size limit, a
+    full disk): the first error is kept in ``failure``, to be answered at
+    the end of DATA, and the rest of the body is read and dropped.
+    """
+
+    def __init__(self, message: OpenMessage, max_size: int, max_hops: int) -> None:
+        self.message = message
+        self.failure: Failure | None = None
+        self.decoder = DataDecoder(self._write, max_size, max_hops)
+
+    def feed(self, data: bytes) -> bytes | None:
+        """As ``DataDecoder.feed``: the bytes after the end of DATA, once it came."""
+        return self.decoder.feed(data)
+
+    def _write(self, data: bytes) -> None:
+        if self.failure is not None:
+            return
+        try:
+            self.message.write(data)
+        except Exception:
+            self.failure = Failure()

@@ -19,27 +19,36 @@ input and never slow down a guesser (audit 2.4, S5, S8).  Here:
 * every failure is logged on one line fail2ban can read, and so is the
   first AUTH refused without a check after each failure.
 
-``SaslMixin`` is part of ``MTAServer``; it uses the server's ``reply``,
-``session``, ``portal`` and ``settings``.
+An ``Authenticator`` is the AUTH of one session.  The server makes it when
+the connection opens, with the mechanisms, settings, throttle, clock,
+portal and ``Session`` (the cred mind) it needs, hands it each AUTH command
+and each line that answers a 334 challenge, and is its ``SaslHost``: the
+few things the exchange asks of the session (reply, challenge, log in,
+close).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from functools import partial
+from typing import Protocol
 
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory
 from twisted.python import log
 from twisted.python.failure import Failure
 
 from twisted_mta.auth.mechanisms import MalformedResponse
-from twisted_mta.auth.throttle import Refusal
+from twisted_mta.auth.throttle import AuthThrottle, Refusal
 from twisted_mta.directory.watched import DirectoryUnavailable
-from twisted_mta.smtp.modes import AUTH, CLOSED, COMMAND
+from twisted_mta.intake.acceptance import Session
+from twisted_mta.smtp.limits import ServerSettings
 
 _NEEDS = {
     b"PLAIN": IUsernamePassword,
@@ -48,7 +57,9 @@ _NEEDS = {
 }
 
 
-def usable_mechanisms(mechanisms: dict[bytes, object], portal) -> dict[bytes, object]:
+def usable_mechanisms(
+    mechanisms: dict[bytes, object], portal: Portal | None
+) -> dict[bytes, object]:
     """The mechanisms some checker of ``portal`` can verify."""
     if portal is None:
         return {}
@@ -56,117 +67,167 @@ def usable_mechanisms(mechanisms: dict[bytes, object], portal) -> dict[bytes, ob
     return {name: maker for name, maker in mechanisms.items() if _NEEDS.get(name) in interfaces}
 
 
-class SaslMixin:
-    """AUTH for ``MTAServer``."""
+class SaslHost(Protocol):
+    """What an ``Authenticator`` asks of its session."""
 
-    _challenger = None
-    _auth_failures = 0
-    _attempt: defer.Deferred | None = None
+    @property
+    def closed(self) -> bool:
+        """Whether the session is closing: nothing more is said."""
 
-    def auth_offered(self) -> bool:
-        if not self.challengers or self.authenticated:
-            return False
-        return self.startedTLS or not self.settings.auth_requires_tls
+    def reply(self, code: int, enhanced: str, text: str) -> None:
+        """Send a reply."""
 
-    def ext_AUTH(self, rest: bytes):
-        if not self.challengers:
-            return self.reply(503, "5.5.1", "Error: authentication not enabled")
-        if not self.startedTLS and self.settings.auth_requires_tls:
-            return self.reply(
+    def send_challenge(self, encoded: bytes) -> None:
+        """Send a 334 challenge; the next line is the client's response."""
+
+    def log_in(self, login: tuple) -> None:
+        """Take the ``(interface, avatar, logout)`` of a successful login."""
+
+    def close(self) -> None:
+        """Close the session."""
+
+
+class Authenticator:
+    """The AUTH exchanges of one session, and its count of failed ones."""
+
+    def __init__(
+        self,
+        host: SaslHost,
+        challengers: dict[bytes, Callable],
+        settings: ServerSettings,
+        throttle: AuthThrottle,
+        clock: IReactorTime,
+        portal: Portal | None,
+        session: Session,
+    ) -> None:
+        self._host = host
+        self._challengers = challengers
+        self._settings = settings
+        self._throttle = throttle
+        self._clock = clock
+        self._portal = portal
+        self._session = session
+        self._challenger = None
+        self._mechanism = ""
+        self._failures = 0
+        self._attempt: defer.Deferred | None = None
+
+    def offered(self, tls: bool, authenticated: bool) -> list[bytes]:
+        """The mechanisms EHLO announces; none if AUTH is not possible now."""
+        if not self._challengers or authenticated:
+            return []
+        if tls or not self._settings.auth_requires_tls:
+            return list(self._challengers)
+        return []
+
+    def start(
+        self, rest: bytes, *, tls: bool, authenticated: bool, in_transaction: bool
+    ) -> defer.Deferred | None:
+        """The AUTH command; a Deferred while the password is checked."""
+        reply = self._host.reply
+        if not self._challengers:
+            return reply(503, "5.5.1", "Error: authentication not enabled")
+        if not tls and self._settings.auth_requires_tls:
+            return reply(
                 538, "5.7.11", "Encryption required for requested authentication mechanism"
             )
-        if self.authenticated:
-            return self.reply(503, "5.5.1", "Error: already authenticated")
-        if self._mail is not None:
-            return self.reply(503, "5.5.1", "Error: MAIL transaction in progress")
+        if authenticated:
+            return reply(503, "5.5.1", "Error: already authenticated")
+        if in_transaction:
+            return reply(503, "5.5.1", "Error: MAIL transaction in progress")
         words = rest.split(b" ")
         mechanism = words[0].upper()
         if not mechanism or len(words) > 2:
-            return self.reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
-        if mechanism not in self.challengers:
-            return self.reply(504, "5.5.4", "Error: unsupported authentication mechanism")
-        self._challenger_name = mechanism.decode("ascii")
+            return reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+        if mechanism not in self._challengers:
+            return reply(504, "5.5.4", "Error: unsupported authentication mechanism")
+        self._mechanism = mechanism.decode("ascii")
         if self._refused():
             return None
-        self._challenger = self.challengers[mechanism]()
+        self._challenger = self._challengers[mechanism]()
         if len(words) == 2:
-            return self._auth_response(words[1])
+            return self._response(words[1])
         return self._send_challenge()
 
-    def _send_challenge(self) -> None:
-        challenge = base64.b64encode(self._challenger.getChallenge())
-        self.sendCode(334, challenge)
-        self._mode = AUTH
-
-    def auth_line(self, line: bytes):
-        """A client response while an AUTH exchange is open."""
-        self._mode = COMMAND
+    def respond(self, line: bytes) -> defer.Deferred | None:
+        """A client response to the last challenge."""
         if line == b"*":
             self._challenger = None
-            return self.reply(501, "5.0.0", "Authentication aborted")
-        return self._auth_response(line)
+            return self._host.reply(501, "5.0.0", "Authentication aborted")
+        return self._response(line)
 
-    def _auth_response(self, encoded: bytes):
+    def abort(self) -> None:
+        """The session refused a line of the exchange; the exchange is over."""
+        self._challenger = None
+
+    def cancel(self) -> None:
+        """The client has gone: withdraw a check still under way."""
+        if self._attempt is not None:
+            self._attempt.cancel()
+
+    def _send_challenge(self) -> None:
+        self._host.send_challenge(base64.b64encode(self._challenger.getChallenge()))
+
+    def _response(self, encoded: bytes) -> defer.Deferred | None:
         try:
             response = b"" if encoded == b"=" else base64.b64decode(encoded, validate=True)
             self._challenger.setResponse(response)
         except (binascii.Error, ValueError) as error:
             self._challenger = None
             reason = str(error) if isinstance(error, MalformedResponse) else "invalid base64"
-            return self.reply(501, "5.5.2", f"Error: {reason}")
+            return self._host.reply(501, "5.5.2", f"Error: {reason}")
         if self._challenger.moreChallenges():
             return self._send_challenge()
         challenger, self._challenger = self._challenger, None
         if self._refused():
             return None
-        d = self._attempt = self.throttle.attempt(
-            self.session.client_ip,
+        d = self._attempt = self._throttle.attempt(
+            self._session.client_ip,
             partial(self._check, challenger),
-            self.clock,
-            self._auth_failures,
+            self._clock,
+            self._failures,
         )
         d.addCallbacks(self._logged_in, self._login_failed)
         return d
 
     def _refused(self) -> bool:
         """Answer 454 at once if the client's address may not try now."""
-        ip = self.session.client_ip
-        refusal = self.throttle.refusal(ip, self.clock.seconds())
+        ip = self._session.client_ip
+        refusal = self._throttle.refusal(ip, self._clock.seconds())
         if refusal is None:
             return False
         self._challenger = None
-        if refusal is Refusal.BLOCKED and self.throttle.block_is_news(ip):
+        if refusal is Refusal.BLOCKED and self._throttle.block_is_news(ip):
             log.msg(
-                f"auth refused: client=[{ip}] mechanism={self._challenger_name}: {refusal.value};"
+                f"auth refused: client=[{ip}] mechanism={self._mechanism}: {refusal.value};"
                 " AUTH refused without a check until they are 15 minutes old"
             )
-        self.reply(454, "4.7.0", f"Error: {refusal.value}, try again later")
+        self._host.reply(454, "4.7.0", f"Error: {refusal.value}, try again later")
         return True
 
     def _check(self, challenger) -> defer.Deferred:
         """The password check; a failure is logged even if the client has gone."""
-        d = self.portal.login(challenger, self.session, IMessageDeliveryFactory, IMessageDelivery)
+        d = self._portal.login(challenger, self._session, IMessageDeliveryFactory, IMessageDelivery)
         return d.addErrback(self._log_failure, challenger)
 
     def _log_failure(self, failure: Failure, challenger) -> Failure:
         if failure.check(UnauthorizedLogin):
-            ip = self.session.client_ip
+            ip = self._session.client_ip
             user = _printable(challenger.username.decode("utf-8", "replace"))
-            log.msg(f"auth failed: client=[{ip}] mechanism={self._challenger_name} user={user}")
+            log.msg(f"auth failed: client=[{ip}] mechanism={self._mechanism} user={user}")
         return failure
 
-    def _logged_in(self, login) -> None:
+    def _logged_in(self, login: tuple) -> None:
         self._attempt = None
-        if self._mode == CLOSED:
+        if self._host.closed:
             login[2]()
             return
-        self._cbAuthenticated(login)
-        self.session.user = _user_name(self.deliveryFactory)
-        self.reply(235, "2.7.0", "Authentication successful")
+        self._host.log_in(login)
+        self._host.reply(235, "2.7.0", "Authentication successful")
 
     def _login_failed(self, failure: Failure) -> None:
         self._attempt = None
-        if self._mode == CLOSED:
+        if self._host.closed:
             return
         if failure.check(UnauthorizedLogin):
             return self._answer_failure()
@@ -174,26 +235,16 @@ class SaslMixin:
             log.msg(f"auth: {failure.value}; answered 454 4.7.0")
         else:
             log.err(failure, "authentication error")
-        self.reply(454, "4.7.0", "Temporary authentication failure")
-
-    def connectionLost(self, reason) -> None:
-        if self._attempt is not None:
-            self._attempt.cancel()
-        super().connectionLost(reason)
+        self._host.reply(454, "4.7.0", "Temporary authentication failure")
 
     def _answer_failure(self) -> None:
-        self._auth_failures += 1
-        self.reply(535, "5.7.8", "Authentication credentials invalid")
-        if self._auth_failures >= self.settings.max_auth_failures:
-            self.reply(421, "4.7.0", "Too many authentication failures")
-            self._close()
-
-
-def _user_name(factory) -> str | None:
-    return getattr(factory, "user", None)
+        self._failures += 1
+        self._host.reply(535, "5.7.8", "Authentication credentials invalid")
+        if self._failures >= self._settings.max_auth_failures:
+            self._host.reply(421, "4.7.0", "Too many authentication failures")
+            self._host.close()
 
 
 def _printable(text: str) -> str:
     """A user name safe to log on one line (no spaces or control characters)."""
     return "".join(c if c.isprintable() and not c.isspace() else "?" for c in text) or "-"
-
