@@ -1,4 +1,5 @@
-"""The mail log: one function per event in a message's life.
+"""The mail log: one function per event in a message's life, and per
+refused login.
 
 Each line is written as Postfix writes it, so that fail2ban's ``postfix``
 filter and the greps operators already know work unchanged::
@@ -160,6 +161,28 @@ def notification_sent(queue_id: str, kind: str, notification_id: str) -> None:
         queue_id=queue_id,
         kind=kind,
         notification_id=notification_id,
+    )
+
+
+def auth_failed(client_ip: str, mechanism: str, user: str) -> None:
+    """A wrong password, on the line fail2ban's twisted-mta filter reads;
+    ``user`` is already made printable."""
+    _log.info(
+        "auth failed: client=[{client_ip}] mechanism={mechanism} user={user}",
+        client_ip=client_ip,
+        mechanism=mechanism,
+        user=user,
+    )
+
+
+def auth_blocked(client_ip: str, mechanism: str, reason: str) -> None:
+    """An address refused AUTH without a check, said once per block."""
+    _log.info(
+        "auth refused: client=[{client_ip}] mechanism={mechanism}: {reason};"
+        " AUTH refused without a check until they are 15 minutes old",
+        client_ip=client_ip,
+        mechanism=mechanism,
+        reason=reason,
     )
 
 

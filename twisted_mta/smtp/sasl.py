@@ -44,6 +44,7 @@ from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory
 from twisted.python import log
 from twisted.python.failure import Failure
 
+from twisted_mta import maillog
 from twisted_mta.auth.mechanisms import MalformedResponse
 from twisted_mta.auth.throttle import AuthThrottle, Refusal
 from twisted_mta.directory.watched import DirectoryUnavailable
@@ -198,10 +199,7 @@ class Authenticator:
             return False
         self._challenger = None
         if refusal is Refusal.BLOCKED and self._throttle.block_is_news(ip):
-            log.msg(
-                f"auth refused: client=[{ip}] mechanism={self._mechanism}: {refusal.value};"
-                " AUTH refused without a check until they are 15 minutes old"
-            )
+            maillog.auth_blocked(ip, self._mechanism, refusal.value)
         self._host.reply(454, "4.7.0", f"Error: {refusal.value}, try again later")
         return True
 
@@ -214,7 +212,7 @@ class Authenticator:
         if failure.check(UnauthorizedLogin):
             ip = self._session.client_ip
             user = _printable(challenger.username.decode("utf-8", "replace"))
-            log.msg(f"auth failed: client=[{ip}] mechanism={self._mechanism} user={user}")
+            maillog.auth_failed(ip, self._mechanism, user)
         return failure
 
     def _logged_in(self, login: tuple) -> None:
