@@ -188,7 +188,7 @@ def test_no_recipient_accepted_fails_after_the_bounce(system, reactor):
     ))
     assert failure.check(InjectionRefused)
     refusal = failure.value
-    assert [(r.recipient, r.code, r.status) for r in refusal.refused] == [
+    assert [(r.recipient, r.refusal.code, r.refusal.enhanced) for r in refusal.refused] == [
         ("nobody@example.test", 550, "5.1.1"),
         ("not an address", 501, "5.1.3"),
     ]
@@ -311,7 +311,7 @@ def test_a_looping_message_is_refused_like_at_data(system, reactor):
         origin=SENDMAIL,
     ))
     assert failure.check(InjectionRefused)
-    assert [(r.code, r.status) for r in failure.value.refused] == [(554, "5.4.6")]
+    assert [(r.refusal.code, r.refusal.enhanced) for r in failure.value.refused] == [(554, "5.4.6")]
     assert maildir(system, "alice") == []
     accepted = run(reactor, inject(
         looping, "bob@example.test", ["alice@example.test"], io.BytesIO(hops[18:] + b"\nx\n"),

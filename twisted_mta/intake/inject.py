@@ -71,16 +71,14 @@ MessageSource = bytes | BinaryIO
 
 @dataclass(frozen=True)
 class Refused:
-    """A recipient the policy refused, with the reply SMTP would have sent."""
+    """A recipient the intake refused, with the reply SMTP would have sent."""
 
     recipient: str
-    code: int
-    status: str
-    text: str
+    refusal: Refusal
 
     @property
     def reply(self) -> str:
-        return f"{self.code} {self.status} {self.text}"
+        return self.refusal.reply
 
 
 class InjectionRefused(Exception):
@@ -154,7 +152,8 @@ async def _inject(
     sender_address = _sender(sender)
     transaction.accept_sender(sender_address)
     if _loops(system, message, start):
-        refused = [Refused(r, 554, "5.4.6", "too many hops (mail loop?)") for r in recipients]
+        loop = Refusal(554, "5.4.6", "too many hops (mail loop?)")
+        refused = [Refused(r, loop) for r in recipients]
     else:
         refused = [r for r in (_add_recipient(transaction, a) for a in recipients) if r]
     addresses = [*transaction.recipients, *transaction.remote]
@@ -213,11 +212,11 @@ def _add_recipient(transaction: Transaction, recipient: str) -> Refused | None:
     except PathError as error:
         # Not an address: shown in the log and the bounce, so made harmless.
         shown = _CONTROL.sub("?", recipient)
-        return Refused(shown, error.code, error.enhanced, error.text)
+        return Refused(shown, Refusal(error.code, error.enhanced, error.text))
     except Refusal as refusal:
         if refusal.code < 500:
             raise  # temporary: the whole message is tried again later, not bounced
-        return Refused(recipient, refusal.code, refusal.enhanced, refusal.text)
+        return Refused(recipient, refusal)
     return None
 
 
@@ -324,14 +323,14 @@ def _log_accepted(transaction: Transaction, size: int, user: str | None) -> None
 
 def _log_refused(queue_id: str, refused: Sequence[Refused], started: float) -> None:
     delay = time.monotonic() - started
-    for refusal in refused:
-        maillog.delivery(queue_id, refusal.recipient, "none", delay, "bounced", refusal.reply)
+    for each in refused:
+        maillog.delivery(queue_id, each.recipient, "none", delay, "bounced", each.reply)
 
 
-def _failure(refusal: Refused, now: float) -> RecipientFailure:
+def _failure(refused: Refused, now: float) -> RecipientFailure:
     return RecipientFailure(
-        address=refusal.recipient,
-        status=refusal.status,
-        diagnostic=refusal.reply,
+        address=refused.recipient,
+        status=refused.refusal.enhanced,
+        diagnostic=refused.reply,
         last_attempt=now,
     )
