@@ -27,7 +27,7 @@ from twisted.logger import Logger
 
 from twisted_mta.mail.text import escape
 
-Stage = Literal["CONNECT", "MAIL", "RCPT", "DATA", "END-OF-MESSAGE"]
+Stage = Literal["CONNECT", "HELO", "MAIL", "RCPT", "DATA", "END-OF-MESSAGE"]
 
 NO_QUEUE = "NOQUEUE"
 _log = Logger()

@@ -34,7 +34,9 @@ from twisted_mta.config import Config, ConfigError, load_config, parse_hostport
 from twisted_mta.directory.resolve import Directory
 from twisted_mta.intake.acceptance import MailSystem
 from twisted_mta.intake.maildrop import MaildropService
+from twisted_mta.intake.policies import NO_POLICIES, PluginError, PolicyChain, load_policies
 from twisted_mta.intake.spool import Spool
+from twisted_mta.interfaces import PolicyContext
 from twisted_mta.queue.bounces import dsn_reporter
 from twisted_mta.queue.flush import FlushListener
 from twisted_mta.queue.scheduler import Policy, Scheduler
@@ -235,7 +237,11 @@ class MTAService(service.MultiService):
         except (ConfigError, TLSError) as error:
             log.msg(f"reload: {error}; keeping the running config")
             return
-        self._apply(config)
+        try:
+            self._apply(config)
+        except PluginError as error:
+            log.msg(f"reload: {error}; keeping the running config")
+            return
         self._use_certificate(certificate)
         _warn_about_cram_md5(config)
         unchanged = [name for name in _RESTART_ONLY if _differs(self.config, config, name)]
@@ -305,8 +311,12 @@ class MTAService(service.MultiService):
 
 
 def build_service(config: Config, checkers: Sequence = ()) -> MTAService:
-    """The whole server as one service, ready for twistd."""
-    return MTAService(config, checkers)
+    """The whole server as one service, ready for twistd; a plugin that
+    cannot be made stops it with one line."""
+    try:
+        return MTAService(config, checkers)
+    except PluginError as error:
+        raise SystemExit(f"twistd mta: {error}") from None
 
 
 def _recheck(config: Config) -> Config:
@@ -357,10 +367,26 @@ def build_intake(config: Config, spool: Spool, checkers: Sequence = ()) -> Intak
         config.relay.networks,
         config.auth.received_user,
         config.limits.max_hops,
+        _policies(config),
     )
     portal = _portal(MailRealm(system), directory, config, checkers)
     mechanisms = usable_mechanisms(challengers(config.auth.mechanisms, config.hostname), portal)
     return Intake(system, portal, mechanisms)
+
+
+def _policies(config: Config) -> PolicyChain:
+    """The enabled policy plugins; raises PluginError."""
+    plugins = config.plugins
+    if not plugins.enabled:
+        return NO_POLICIES
+    context = PolicyContext(
+        reactor=reactor,
+        hostname=config.hostname,
+        state_dir=config.spool / "plugins",
+        resolver=make_resolver(_router_settings(config).resolvers),
+        trusted_networks=config.relay.networks,
+    )
+    return load_policies(plugins.enabled, plugins.options, plugins.timeout, context)
 
 
 def _portal(realm: MailRealm, directory: Directory, config: Config, extra: Sequence) -> Portal:

@@ -8,6 +8,7 @@ from twisted.cred import credentials, strcred
 from twisted.python import usage
 
 from twisted_mta.config import ConfigError, load_config
+from twisted_mta.intake.policies import installed
 from twisted_mta.service import build_service
 from twisted_mta.tls import TLSError, check_configured_pair
 
@@ -25,6 +26,15 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         credentials.IUsernamePassword,
         credentials.IUsernameHashedPassword,
     ]
+
+    def opt_help_plugins(self) -> None:
+        """List the installed policy plugins and exit."""
+        factories = installed()
+        for name in sorted(factories):
+            print(f"{name:20} {factories[name].description}")
+        if not factories:
+            print("no policy plugins are installed")
+        raise SystemExit(0)
 
     def postOptions(self) -> None:
         """Refuse a config, or a certificate and key, before any port is bound."""

@@ -795,3 +795,35 @@ def test_files_are_not_opened_without_check_files(tmp_path: Path) -> None:
     assert config.users.file == tmp_path / "users"
     with pytest.raises(ConfigError, match="tls.certificate: cannot read"):
         load_config(path, environ={})
+
+
+def test_plugin_tables_are_kept_for_their_plugins(tmp_path):
+    path = tmp_path / "mta.toml"
+    path.write_text(
+        '[plugins]\nenabled = ["dnsbl", "greylist"]\ntimeout = "2s"\n'
+        '[plugins.dnsbl]\nzones = ["bl.example"]\non_error = "accept"\n'
+    )
+    config = load_config(path, {})
+    assert config.plugins.enabled == ("dnsbl", "greylist")
+    assert config.plugins.timeout == 2.0
+    assert config.plugins.options == {"dnsbl": {"zones": ["bl.example"], "on_error": "accept"}}
+    dumped = tmp_path / "dumped.toml"
+    dumped.write_text(dump_config(config))
+    assert load_config(dumped, {}).plugins == config.plugins
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ('[plugins]\nenabled = ["bad name"]\n', "plugins.enabled: expected plugin names"),
+        ("[plugins]\nzones = 1\n", "plugins.zones: unknown key"),
+        ("[limits.sub]\nx = 1\n", "limits.sub: unknown key"),
+    ],
+)
+def test_plugin_settings_are_checked(tmp_path, text, problem):
+    path = tmp_path / "mta.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path, {})
+    assert problem in str(error.value)
+

@@ -20,6 +20,7 @@ ROOT = Path(twisted_mta.__file__).parent
 LAYERS = {
     "twisted_mta.mail": 0,
     "twisted_mta.watch": 0,
+    "twisted_mta.interfaces": 0,
     "twisted_mta.storage": 1,
     "twisted_mta.maillog": 1,
     "twisted_mta.directory": 2,

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from twisted_mta.config.load import DEFAULTS_LABEL
-from twisted_mta.config.schema import Config, sections, settings
+from twisted_mta.config.schema import Config, sections, settings, subtables_field
 
 _TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t"}
 
@@ -21,8 +21,13 @@ def dump_config(config: Config) -> str:
     lines = [f"# twisted-mta effective configuration, from {source}"]
     lines += _key_lines(config, settings(Config))
     for name, section in sections().items():
+        table = getattr(config, name)
         lines += ["", f"[{name}]"]
-        lines += _key_lines(getattr(config, name), settings(section))
+        lines += _key_lines(table, settings(section))
+        field_name = subtables_field(section)
+        for sub, items in (getattr(table, field_name) if field_name else {}).items():
+            lines += ["", f"[{name}.{sub}]"]
+            lines += [f"{key} = {_toml(value)}" for key, value in items.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -37,8 +42,10 @@ def _toml(value: Any) -> str:
         return str(int(value))
     if isinstance(value, (int, float)):
         return repr(value)
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         return "[" + ", ".join(_toml(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {_toml(item)}" for key, item in value.items()) + "}"
     return _toml_string("" if value is None else str(value))
 
 

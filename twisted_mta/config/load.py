@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted_mta.config.checks import check_consistency
 from twisted_mta.config.errors import ConfigError, ConfigValueError
-from twisted_mta.config.schema import Config, Setting, sections, settings
+from twisted_mta.config.schema import Config, Setting, sections, settings, subtables_field
 from twisted_mta.config.values import ParseContext, expected, reason
 
 ENVIRONMENT_VARIABLE = "TWISTED_MTA_CONFIG"
@@ -95,7 +95,10 @@ def _parse(
     # The tables see the hostname: domains.local defaults to it.
     context = replace(context, hostname=top["hostname"])
     tables = {
-        name: section(**_parse_table(data, name, settings(section), context))
+        name: section(
+            **_parse_table(data, name, settings(section), context),
+            **_subtables(data.get(name, {}), section),
+        )
         for name, section in sections().items()
     }
     return Config(source=source, **top, **tables)
@@ -112,9 +115,18 @@ def _check_known_keys(data: Mapping[str, Any]) -> None:
         if not isinstance(value, dict):
             raise expected(name, "a table", value)
         known = settings(tables[name])
-        for key in value:
-            if key not in known:
+        open_tables = subtables_field(tables[name]) is not None
+        for key, item in value.items():
+            if key not in known and not (open_tables and isinstance(item, dict)):
                 raise ConfigValueError(f"{name}.{key}", "unknown key")
+
+
+def _subtables(table: Mapping[str, Any], section: type) -> dict[str, Any]:
+    """The sub-tables of *table*, for the section's field that holds them."""
+    name = subtables_field(section)
+    if name is None:
+        return {}
+    return {name: {key: dict(item) for key, item in table.items() if isinstance(item, dict)}}
 
 
 def _parse_table(

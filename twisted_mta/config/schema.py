@@ -22,6 +22,7 @@ from twisted_mta.config.endpoints import endpoints
 from twisted_mta.config.values import Network, ParseContext
 
 _SETTING = "twisted_mta.setting"
+_SUBTABLES = "twisted_mta.subtables"
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,20 @@ def path_setting(
     return field(
         metadata={_SETTING: Setting(default, parser, doc, in_context=True)}
     )
+
+
+def subtables(doc: str) -> Any:
+    """A field holding the section's sub-tables (``[section.NAME]``) as
+    they are, for options the schema does not know (a plugin's)."""
+    return field(metadata={_SUBTABLES: doc})
+
+
+def subtables_field(cls: type) -> str | None:
+    """The name of the field of *cls* that holds its sub-tables, if any."""
+    for item in fields(cls):
+        if _SUBTABLES in item.metadata:
+            return item.name
+    return None
 
 
 def settings(cls: type) -> dict[str, Setting]:
@@ -370,6 +385,27 @@ class ProxyConfig:
 
 
 @dataclass(frozen=True)
+class PluginsConfig:
+    """The policy plugins to run, and their options."""
+
+    enabled: tuple[str, ...] = setting(
+        [],
+        values.plugin_names,
+        "Policy plugins to run at each stage of every message, in this order"
+        " (twistd mta --help-plugins lists those installed).",
+    )
+    timeout: float = setting(
+        "10s",
+        values.positive_duration,
+        "How long one hook of a plugin may take; later, it has failed.",
+    )
+    options: dict = subtables(
+        "[plugins.NAME] tables: the options of plugin NAME, and its on_error"
+        ' ("tempfail", the default, or "accept").'
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole effective configuration.
 
@@ -398,6 +434,7 @@ class Config:
     queue: QueueConfig
     limits: LimitsConfig
     proxy: ProxyConfig
+    plugins: PluginsConfig
 
     @property
     def queue_dir(self) -> Path:

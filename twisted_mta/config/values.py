@@ -122,6 +122,16 @@ def one_of_each(
     return _unique(names)
 
 
+def plugin_names(value: Any, key: str) -> tuple[str, ...]:
+    """Plugin names, in order, each once; whether they are installed is
+    checked when the plugins are loaded."""
+    names = string_list(value, key)
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise expected(key, "plugin names", name)
+    return _unique(names)
+
+
 def mechanisms(value: Any, key: str) -> tuple[str, ...]:
     names = [name.upper() for name in string_list(value, key)]
     return one_of_each(names, key, MECHANISMS)

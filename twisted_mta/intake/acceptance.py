@@ -13,23 +13,32 @@ sender, then decides on each recipient:
   authenticated, or local (the maildrop, like Postfix's pickup), else
   554 5.7.1.  Relayed recipients go to the queue.
 
-A refusal is a :class:`Refusal`, the reply SMTP sends as it is.  Each
-mailbox and each remote address is kept once per transaction, however
-many recipients or aliases lead to it; :meth:`Transaction.open` then
-starts the one durable copy in the spool.
+After our own checks the enabled policy plugins are asked (``mail_from``,
+``rcpt_to``, and ``message`` before the message is acknowledged; see
+:mod:`twisted_mta.intake.policies`).  A refusal is a :class:`Refusal`, the
+reply SMTP sends as it is.  Each mailbox and each remote address is kept
+once per transaction, however many recipients or aliases lead to it;
+:meth:`Transaction.open` then starts the one durable copy in the spool.
 """
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+
+from twisted.internet import defer
 
 from twisted_mta.directory.resolve import AliasLoop, Directory, UnknownRecipient
 from twisted_mta.directory.watched import DirectoryUnavailable
+from twisted_mta.intake.policies import NO_POLICIES, Outcome, PolicyChain, session_info
 from twisted_mta.intake.refusal import Refusal
 from twisted_mta.intake.spool import IncomingMessage, Spool
+from twisted_mta.interfaces import MessageInfo, TransactionInfo
 from twisted_mta.mail.address import Address, NullAddress
+from twisted_mta.mail.dsn import HEADERS_LIMIT, header_block
 from twisted_mta.mail.mailbox import Mailbox, UnsafeMailboxName
 from twisted_mta.storage.envelope import Envelope, new_queue_id
 
@@ -73,6 +82,23 @@ class MailSystem:
     relay_networks: Sequence[Network]
     received_user: bool = False
     max_hops: int = 0
+    policies: PolicyChain = NO_POLICIES
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Where one recipient's mail goes, before it is added."""
+
+    path: str
+    mailboxes: Mapping[Mailbox, str] = field(default_factory=dict)
+    remote: Sequence[str] = ()
+
+
+def _refused_by(outcome: Outcome) -> Outcome:
+    verdict = outcome.refusal
+    if verdict is not None:
+        raise Refusal(verdict.code, verdict.enhanced, verdict.text)
+    return outcome
 
 
 def _temporarily(lookup: Callable, *args):
@@ -99,14 +125,26 @@ class Transaction:
     remote: list[str] = field(default_factory=list)
     recipients: list[str] = field(default_factory=list)
 
-    def accept_sender(self, sender: Address | NullAddress) -> None:
+    def accept_sender(
+        self, sender: Address | NullAddress, params: Mapping[str, str | None] | None = None
+    ) -> defer.Deferred[None]:
         """Take the envelope sender; an authenticated user may only use
-        addresses that are theirs.  Raises :class:`Refusal`."""
+        addresses that are theirs, then the policies are asked.  Fails
+        with :class:`Refusal`."""
+        return defer.maybeDeferred(self._accept_sender, sender, params or {})
+
+    def _accept_sender(
+        self, sender: Address | NullAddress, params: Mapping[str, str | None]
+    ) -> defer.Deferred[None]:
         if self.user is not None and not _temporarily(self._owned_by_user, sender):
             raise Refusal(
                 553, "5.7.1", f"<{sender}>: Sender address rejected: not owned by user {self.user}"
             )
-        self.sender = str(sender)
+        path = str(sender)
+        d = self.system.policies.run("mail_from", session_info(self.session), path, dict(params))
+        d.addCallback(_refused_by)
+        d.addCallback(lambda _: setattr(self, "sender", path))
+        return d
 
     def _owned_by_user(self, sender: Address | NullAddress) -> bool:
         """The login, its +tag variants, and local aliases delivering to it."""
@@ -126,9 +164,26 @@ class Transaction:
             return False
         return any(mailbox.address == login for mailbox in resolution.mailboxes)
 
-    def accept_recipient(self, recipient: Address) -> str:
-        """Route one recipient: to local mailboxes, to the queue, or a
-        :class:`Refusal`.  Returns the recipient as it is logged."""
+    def accept_recipient(
+        self, recipient: Address, params: Mapping[str, str | None] | None = None
+    ) -> defer.Deferred[str]:
+        """Route one recipient (to local mailboxes, to the queue, or a
+        :class:`Refusal`), then ask the policies.  Fires with the recipient
+        as it is logged."""
+        return defer.maybeDeferred(self._accept_recipient, recipient, params or {})
+
+    def _accept_recipient(
+        self, recipient: Address, params: Mapping[str, str | None]
+    ) -> defer.Deferred[str]:
+        route = self._route(recipient)
+        d = self.system.policies.run(
+            "rcpt_to", session_info(self.session), self.info(), route.path, dict(params)
+        )
+        d.addCallback(_refused_by)
+        d.addCallback(lambda _: self._add(route))
+        return d
+
+    def _route(self, recipient: Address) -> _Route:
         directory = self.system.directory
         # RFC 5321 4.5.1: <postmaster> without a domain is always accepted.
         domain = recipient.domain.decode("utf-8") or directory.postmaster_domain(
@@ -136,13 +191,10 @@ class Transaction:
         )
         path = str(Address(recipient.local, domain.encode("utf-8")))
         if not recipient.domain or directory.is_local(domain):
-            _temporarily(self._accept_local, recipient.local.decode("utf-8"), domain, path)
-        elif self._may_relay():
-            self._add_remote([path])
-        else:
-            raise Refusal(554, "5.7.1", f"<{path}>: Relay access denied")
-        self.recipients.append(path)
-        return path
+            return _temporarily(self._route_local, recipient.local.decode("utf-8"), domain, path)
+        if self._may_relay():
+            return _Route(path, remote=[path])
+        raise Refusal(554, "5.7.1", f"<{path}>: Relay access denied")
 
     def _may_relay(self) -> bool:
         session = self.session
@@ -152,7 +204,7 @@ class Transaction:
             or session.client_in(self.system.relay_networks)
         )
 
-    def _accept_local(self, local: str, domain: str, path: str) -> None:
+    def _route_local(self, local: str, domain: str, path: str) -> _Route:
         try:
             resolution = self.system.directory.resolve(local, domain)
         except UnknownRecipient:
@@ -163,13 +215,21 @@ class Transaction:
             raise Refusal(550, "5.4.6", f"<{path}>: Alias expansion loop") from None
         except UnsafeMailboxName:
             raise Refusal(550, "5.1.3", "Recipient address rejected: bad mailbox name") from None
+        return _Route(path, resolution.mailboxes, sorted(resolution.remote))
+
+    def _add(self, route: _Route) -> str:
         # A mailbox reached twice, by two RCPTs or two aliases, gets one copy.
-        for mailbox, delivered_to in resolution.mailboxes.items():
+        for mailbox, delivered_to in route.mailboxes.items():
             self.mailboxes.setdefault(mailbox, delivered_to)
-        self._add_remote(sorted(resolution.remote))
+        self._add_remote(route.remote)
+        self.recipients.append(route.path)
+        return route.path
 
     def _add_remote(self, addresses: Sequence[str]) -> None:
         self.remote.extend(a for a in addresses if a not in self.remote)
+
+    def info(self) -> TransactionInfo:
+        return TransactionInfo(self.queue_id, self.sender, tuple(self.recipients))
 
     def open(self, received: bytes) -> IncomingMessage:
         """Start the one copy of the message for every accepted recipient;
@@ -182,4 +242,35 @@ class Transaction:
             smtputf8=self.utf8,
             authenticated=self.user,
         )
-        return self.system.spool.open_message(self.queue_id, self.mailboxes, envelope, received)
+        incoming = self.system.spool.open_message(
+            self.queue_id, self.mailboxes, envelope, received
+        )
+        if self.system.policies.has("message"):
+            incoming.review = self._review
+        return incoming
+
+    def _review(self, incoming: IncomingMessage) -> defer.Deferred[bytes]:
+        """Ask the policies about the whole message; fires with the header
+        lines they add, or fails with a :class:`Refusal`."""
+        d = self.system.policies.run(
+            "message", session_info(self.session), self.info(), _message_info(incoming)
+        )
+        d.addCallback(_refused_by)
+        d.addCallback(lambda outcome: _header_lines(outcome.headers))
+        return d
+
+
+def _message_info(incoming: IncomingMessage) -> MessageInfo:
+    with incoming.open_stored() as stored:
+        head = header_block(stored.read(HEADERS_LIMIT + 1))
+    headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+    return MessageInfo(headers, incoming.size, incoming.open_stored)
+
+
+def _header_lines(headers: Sequence[tuple[str, str]]) -> bytes:
+    """``Name: value`` lines; a value's own line breaks become folds."""
+    lines = []
+    for name, value in headers:
+        folded = "\n\t".join(part.strip() for part in value.splitlines() if part.strip())
+        lines.append(f"{name}: {folded}\n")
+    return "".join(lines).encode("utf-8")

@@ -30,13 +30,14 @@ import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 from twisted.internet import defer
 
 from twisted_mta import maillog
 from twisted_mta.intake.acceptance import MailSystem, Session, Transaction
+from twisted_mta.intake.policies import NO_POLICIES
 from twisted_mta.intake.refusal import Refusal
 from twisted_mta.intake.spool import IncomingMessage
 from twisted_mta.mail.address import (
@@ -148,30 +149,53 @@ async def _inject(
 ) -> str:
     arrival, started = time.time(), time.monotonic()
     start = 0 if isinstance(message, bytes) else message.tell()
-    transaction = Transaction(system, Session(origin, LOCAL_IP, local=True))
+    transaction = Transaction(system, Session(origin, LOCAL_IP, user=user, local=True))
     sender_address = _sender(sender)
-    transaction.accept_sender(sender_address)
-    if _loops(system, message, start):
-        loop = Refusal(554, "5.4.6", "too many hops (mail loop?)")
-        refused = [Refused(r, loop) for r in recipients]
-    else:
-        refused = [r for r in (_add_recipient(transaction, a) for a in recipients) if r]
+    refused = await _offer(transaction, sender_address, recipients, _loops(system, message, start))
     addresses = [*transaction.recipients, *transaction.remote]
     transaction.utf8 = sender_address.needs_utf8 or not all(a.isascii() for a in addresses)
-    if transaction.recipients:
-        size = await _store(transaction, message, user)
-        _log_accepted(transaction, size, user)
+    accepted = list(transaction.recipients)
+    if accepted:
+        try:
+            size = await _store(transaction, message, user)
+        except Refusal as refusal:
+            if refusal.code < 500:
+                raise  # temporary: the whole message is tried again later
+            refused += [Refused(r, refusal) for r in accepted]
+            accepted = []
+        else:
+            _log_accepted(transaction, size, user)
     bounce_id = None
     if refused:
         _log_refused(transaction.queue_id, refused, started)
         headers = header_block(normalise_line_endings(_head(message, start)))
         failures = [_failure(r, time.time()) for r in refused]
         bounce_id = await _send_dsn(
-            system, transaction.queue_id, arrival, transaction.sender, failures, headers
+            system, transaction.queue_id, arrival, str(sender_address), failures, headers
         )
-    if not transaction.recipients:
+    if not accepted:
         raise InjectionRefused(transaction.queue_id, refused, bounce_id)
     return transaction.queue_id
+
+
+async def _offer(
+    transaction: Transaction,
+    sender: Address | NullAddress,
+    recipients: Sequence[str],
+    loops: bool,
+) -> list[Refused]:
+    """Offer the sender, then each recipient, as MAIL and RCPT would; the
+    recipients refused, with why.  A temporary refusal is raised."""
+    try:
+        await transaction.accept_sender(sender)
+    except Refusal as refusal:
+        if refusal.code < 500:
+            raise
+        return [Refused(r, refusal) for r in recipients]
+    if loops:
+        loop = Refusal(554, "5.4.6", "too many hops (mail loop?)")
+        return [Refused(r, loop) for r in recipients]
+    return [r for r in [await _add_recipient(transaction, a) for a in recipients] if r]
 
 
 async def _send_dsn(
@@ -189,8 +213,10 @@ async def _send_dsn(
     notification = build_dsn(
         system.hostname, queue_id, arrival, sender, failures, original_headers, time.time()
     )
+    # Our own reports are not for the policies: they refuse nothing of ours.
+    unpoliced = replace(system, policies=NO_POLICIES)
     try:
-        bounce_id = await _inject(system, "", [sender], notification, origin, None)
+        bounce_id = await _inject(unpoliced, "", [sender], notification, origin, None)
     except InjectionRefused as refusal:
         maillog.notification_refused(queue_id, "; ".join(r.reply for r in refusal.refused))
         return None
@@ -204,11 +230,11 @@ def _sender(sender: str) -> Address | NullAddress:
     return command.sender
 
 
-def _add_recipient(transaction: Transaction, recipient: str) -> Refused | None:
+async def _add_recipient(transaction: Transaction, recipient: str) -> Refused | None:
     """Offer one recipient as RCPT would; the refusal, if any."""
     try:
         command = parse_rcpt(f"TO:<{recipient}>".encode(), smtputf8=True)
-        transaction.accept_recipient(command.recipient)
+        await transaction.accept_recipient(command.recipient)
     except PathError as error:
         # Not an address: shown in the log and the bounce, so made harmless.
         shown = _CONTROL.sub("?", recipient)

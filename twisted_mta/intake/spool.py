@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from twisted.internet import defer
 from twisted.mail.interfaces import IMessageSMTP
@@ -129,6 +130,11 @@ class IncomingMessage:
     ``write`` takes body bytes already decoded (dot-unstuffed, LF endings);
     ``eomReceived`` makes everything durable; ``connectionLost`` discards.
     It is also a Twisted ``IMessage`` so that line-based code can feed it.
+
+    ``review``, when set, is asked about the whole message before it is
+    made durable: it fires with header lines to prepend to every copy, or
+    fails with a ``Refusal``.  The file the body went into is then only the
+    source of the copies, each of which gets the new lines.
     """
 
     spool: Spool
@@ -141,6 +147,8 @@ class IncomingMessage:
     _primary_maildir: TemporaryFile | None = None
     _primary_header: int = 0
     _error: StorageError | None = None
+    review: Callable[[IncomingMessage], defer.Deferred[bytes]] | None = None
+    _extra: bytes = b""
     # Postfix's delay counts from arrival; ours from DATA, when the first
     # byte of the message can be stored.
     _arrival: float = field(default_factory=time.monotonic)
@@ -173,9 +181,9 @@ class IncomingMessage:
         self._files.append(pending)
         return temporary, pending
 
-    def _open_in_queue(self, suffix: str) -> PendingFile:
+    def _open_in_queue(self, suffix: str, temporary_suffix: str = "tmp") -> PendingFile:
         final = self.spool.queue_path(self.queue_id, suffix)
-        temporary = f"{final}.tmp"
+        temporary = f"{final}.{temporary_suffix}"
         pending = PendingFile(os.open(temporary, CREATE_FLAGS, 0o600), temporary, final)
         self._files.append(pending)
         return pending
@@ -192,8 +200,28 @@ class IncomingMessage:
     def lineReceived(self, line: bytes) -> None:
         self.write(line + b"\n")
 
+    def open_stored(self) -> BinaryIO:
+        """The message as written so far, from our Received header on."""
+        stream = open(self._files[0].temporary, "rb")
+        stream.seek(self._primary_header - len(self.received))
+        return stream
+
     def eomReceived(self) -> defer.Deferred[str]:
         """Commit every file; fires with the queue id once all are durable."""
+        if self._error is None and self.review is not None:
+            d = defer.maybeDeferred(self.review, self)
+            d.addErrback(self._review_refused)
+            return d.addCallback(self._commit)
+        return self._commit(b"")
+
+    def _review_refused(self, failure: Failure) -> Failure:
+        self._discard()
+        return failure
+
+    def _commit(self, extra: bytes) -> defer.Deferred[str]:
+        self._extra = extra
+        if not self._files and self._error is None:
+            self._error = StorageError("discarded while under review")
         if self._error is None:
             try:
                 self._complete_files()
@@ -243,33 +271,37 @@ class IncomingMessage:
     def _complete_files(self) -> None:
         """Name the primary file and open every other one, in commit order.
 
+        With header lines to add, the primary is only the source of copies.
         The ``.env`` comes last: its rename is what makes a queue entry real.
         """
-        if self._primary_maildir is not None:
+        primary_kept = not self._extra
+        if self._primary_maildir is not None and primary_kept:
             size = self._primary_header + self.size
             self._files[0].final = self._primary_maildir.final_path(size)
-        first = min(self.mailboxes, default=None)
+        self._files[0].keep = primary_kept
+        first = min(self.mailboxes, default=None) if primary_kept else None
         for mailbox, delivered_to in sorted(self.mailboxes.items()):
             if mailbox != first:
                 self._copy_to_mailbox(mailbox, delivered_to)
         if self.envelope.remote:
-            if self.mailboxes:
+            if self.mailboxes or not primary_kept:
                 self._copy_to_queue()
             self._write_envelope()
 
     def _copy_to_mailbox(self, mailbox: Mailbox, delivered_to: str) -> None:
-        header = delivery_headers(self.envelope.sender, delivered_to)
+        header = delivery_headers(self.envelope.sender, delivered_to) + self._extra
         temporary, pending = self._open_in_maildir(mailbox)
         pending.final = temporary.final_path(len(header) + self._shared_size())
         pending.prepare = self._copier(pending.fd, header)
 
     def _copy_to_queue(self) -> None:
-        pending = self._open_in_queue("msg")
-        pending.prepare = self._copier(pending.fd, b"")
+        pending = self._open_in_queue("msg", "copy.tmp")
+        pending.prepare = self._copier(pending.fd, self._extra)
 
     def _write_envelope(self) -> None:
         pending = self._open_in_queue("env")
-        _write_all(pending.fd, self.envelope.to_json(self.queue_id, self.size, time.time()))
+        size = len(self._extra) + self.size
+        _write_all(pending.fd, self.envelope.to_json(self.queue_id, size, time.time()))
 
     def _shared_size(self) -> int:
         """What every file holds after its own header: Received + body."""

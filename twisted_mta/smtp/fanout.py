@@ -8,7 +8,7 @@ body line by line to each recipient's ``IMessage``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from twisted.internet import defer
 from twisted.mail import smtp
@@ -19,7 +19,8 @@ class RcptUser(smtp.User):
     """Twisted's ``User`` around an address we parsed ourselves.
 
     ``User.__init__`` would re-parse the address with Twisted's ASCII-only
-    ``Address``; the attributes are the same.
+    ``Address``; the attributes are the same, and ``params`` holds RCPT's
+    parameters.
     """
 
     def __init__(
@@ -28,11 +29,13 @@ class RcptUser(smtp.User):
         helo: tuple[bytes | None, bytes],
         protocol: smtp.SMTP,
         orig: smtp.Address,
+        params: Mapping[str, str | None] | None = None,
     ) -> None:
         self.dest = dest
         self.helo = helo
         self.protocol = protocol
         self.orig = orig
+        self.params = dict(params or {})
 
 
 class LineFanout:

@@ -15,10 +15,12 @@ from collections.abc import Callable
 
 from twisted.cred.checkers import ANONYMOUS
 from twisted.cred.portal import IRealm
+from twisted.internet import defer
 from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory
 from zope.interface import Attribute, implementer
 
 from twisted_mta.intake.acceptance import MailSystem, Session, Transaction
+from twisted_mta.intake.policies import PolicyChain
 from twisted_mta.intake.spool import IncomingMessage
 from twisted_mta.mail.received import TraceInfo, received_header
 
@@ -33,6 +35,7 @@ class ITransactionDelivery(IMessageDelivery):
     queue_id = Attribute("The id of this transaction, in logs and headers.")
     utf8 = Attribute("Whether MAIL asked for SMTPUTF8; set by the server.")
     body = Attribute("MAIL's BODY= (7BIT or 8BITMIME); set by the server.")
+    mail_params = Attribute("MAIL's parameters, for the policies; set by the server.")
 
     def open_message(received: bytes) -> IncomingMessage:
         """Start the message for every accepted recipient."""
@@ -44,6 +47,11 @@ class MailRealm:
 
     def __init__(self, system: MailSystem) -> None:
         self.system = system
+
+    @property
+    def policies(self) -> PolicyChain:
+        """The policy plugins, for the stages before a transaction."""
+        return self.system.policies
 
     def requestAvatar(self, avatarId, mind, *interfaces):
         if IMessageDeliveryFactory not in interfaces:
@@ -80,6 +88,7 @@ class SMTPTransaction:
 
     def __init__(self, transaction: Transaction) -> None:
         self.transaction = transaction
+        self.mail_params: dict[str, str | None] = {}
 
     @property
     def queue_id(self) -> str:
@@ -101,13 +110,15 @@ class SMTPTransaction:
     def body(self, value: str) -> None:
         self.transaction.body = value
 
-    def validateFrom(self, helo, origin):
-        self.transaction.accept_sender(origin)
-        return origin
+    def validateFrom(self, helo, origin) -> defer.Deferred:
+        d = self.transaction.accept_sender(origin, self.mail_params)
+        return d.addCallback(lambda _: origin)
 
-    def validateTo(self, user) -> Callable[[], IncomingMessage]:
-        self.transaction.accept_recipient(user.dest)
-        return lambda: self.open_message(self.receivedHeader(user.helo, user.orig, [user]))
+    def validateTo(self, user) -> defer.Deferred[Callable[[], IncomingMessage]]:
+        d = self.transaction.accept_recipient(user.dest, getattr(user, "params", {}))
+        return d.addCallback(
+            lambda _: lambda: self.open_message(self.receivedHeader(user.helo, user.orig, [user]))
+        )
 
     def receivedHeader(self, helo, origin, recipients) -> bytes:
         transaction = self.transaction

@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 from twisted_mta import maillog
 from twisted_mta.auth.throttle import AuthThrottle
 from twisted_mta.intake.acceptance import Session
+from twisted_mta.intake.policies import NO_POLICIES, Outcome, PolicyChain, session_info
 from twisted_mta.intake.refusal import Refusal
 from twisted_mta.mail.address import PathError, parse_mail, parse_rcpt
 from twisted_mta.maillog import Stage
@@ -85,6 +86,7 @@ class MTAServer(Dialogue):
         self._counted = False
         self._transfer: DataTransfer | None = None
         self._mail = None
+        self._offered = None
 
     # -- connection ---------------------------------------------------
 
@@ -111,7 +113,6 @@ class MTAServer(Dialogue):
             self.close()
             return
         self._counted = True
-        super().connectionMade()
         self.canStartTLS = (
             ITLSTransport.providedBy(self.transport)
             and self.ctx is not None
@@ -119,6 +120,31 @@ class MTAServer(Dialogue):
         )
         if self.settings.implicit_tls:
             self.startedTLS = True
+        policies = self._policies()
+        if not policies.has("connect"):
+            super().connectionMade()
+            return
+        # No greeting, and no command read, until the policies have spoken.
+        self.setTimeout(None)
+        d = policies.run("connect", session_info(self.session))
+        d.addCallback(self._connect_decided)
+        self.wait_for(d)
+
+    def _policies(self) -> PolicyChain:
+        return getattr(getattr(self.portal, "realm", None), "policies", NO_POLICIES)
+
+    def _connect_decided(self, outcome: Outcome) -> None:
+        if self.closed:
+            return
+        verdict = outcome.refusal
+        if verdict is None:
+            super().connectionMade()
+            return
+        # RFC 5321 3.1: a server that will not serve says so in its greeting.
+        code = 554 if verdict.code >= 500 else 421
+        self.sendCode(code, f"{verdict.enhanced} {verdict.text}".encode())
+        maillog.reject(self.session, "CONNECT", code, verdict.enhanced, verdict.text)
+        self.close()
 
     def greeting(self) -> bytes:
         return self.host + b" ESMTP"
@@ -184,17 +210,38 @@ class MTAServer(Dialogue):
 
     # -- commands -------------------------------------------------------
 
-    def do_HELO(self, rest: bytes) -> None:
+    def do_HELO(self, rest: bytes) -> defer.Deferred | None:
         if not rest.strip():
             return self.reply(501, "5.5.4", "Syntax: HELO hostname")
-        self._greeted(rest, esmtp=False)
-        # RFC 2034: no enhanced status code in answers to HELO and EHLO.
-        self.sendCode(250, self.host)
+        return self._ask_helo(rest, esmtp=False)
 
-    def do_EHLO(self, rest: bytes) -> None:
+    def do_EHLO(self, rest: bytes) -> defer.Deferred | None:
         if not rest.strip():
             return self.reply(501, "5.5.4", "Syntax: EHLO hostname")
-        self._greeted(rest, esmtp=True)
+        return self._ask_helo(rest, esmtp=True)
+
+    def _ask_helo(self, rest: bytes, esmtp: bool) -> defer.Deferred | None:
+        policies = self._policies()
+        if not policies.has("helo"):
+            return self._hello(rest, esmtp)
+        name = rest.strip().decode("utf-8", "replace")
+        d = policies.run("helo", session_info(self.session), name)
+        d.addCallback(self._helo_decided, rest, esmtp)
+        return d
+
+    def _helo_decided(self, outcome: Outcome, rest: bytes, esmtp: bool) -> None:
+        verdict = outcome.refusal
+        if verdict is None:
+            return self._hello(rest, esmtp)
+        reply = (verdict.code, verdict.enhanced, verdict.text)
+        self._refuse("HELO", reply)
+
+    def _hello(self, rest: bytes, esmtp: bool) -> None:
+        self._greeted(rest, esmtp)
+        if not esmtp:
+            # RFC 2034: no enhanced status code in answers to HELO and EHLO.
+            self.sendCode(250, self.host)
+            return
         peer = self.session.client_ip
         lines = [f"{self.settings.hostname} Hello [{peer}]"]
         for keyword, params in self.extensions().items():
@@ -238,6 +285,7 @@ class MTAServer(Dialogue):
             command = parse_mail(rest, max_size=self.settings.max_message_size)
         except PathError as error:
             return self.reply(error.code, error.enhanced, error.text)
+        self._offered = command
         d = defer.maybeDeferred(self.validateFrom, self._helo, command.sender)
         d.addCallback(self._sender_accepted, command)
         d.addErrback(self._refuse_failure, "MAIL", sender=command.sender)
@@ -247,9 +295,6 @@ class MTAServer(Dialogue):
         self._mail = command
         self._from = sender
         self._to = []
-        if ITransactionDelivery.providedBy(self.delivery):
-            self.delivery.utf8 = command.smtputf8
-            self.delivery.body = command.body or "7BIT"
         self.reply(250, "2.1.0", "Ok")
 
     def validateFrom(
@@ -265,7 +310,17 @@ class MTAServer(Dialogue):
             d.addCallbacks(self._cbAnonymousAuthentication, self._anonymous_refused)
             d.addCallback(lambda _: self.validateFrom(helo, origin))
             return d
-        return super().validateFrom(helo, origin)
+        if self.deliveryFactory is not None:
+            self.delivery = self.deliveryFactory.getMessageDelivery()
+        if ITransactionDelivery.providedBy(self.delivery) and self._offered is not None:
+            # Told before it decides: the policies see MAIL's parameters.
+            command = self._offered
+            self.delivery.utf8 = command.smtputf8
+            self.delivery.body = command.body or "7BIT"
+            self.delivery.mail_params = dict(command.params)
+        if self.delivery is None:
+            raise smtp.SMTPBadSender(origin)
+        return defer.maybeDeferred(self.delivery.validateFrom, helo, origin)
 
     def _anonymous_refused(self, failure: Failure):
         failure.trap(UnauthorizedLogin, UnhandledCredentials)
@@ -280,7 +335,7 @@ class MTAServer(Dialogue):
             command = parse_rcpt(rest, smtputf8=self._mail.smtputf8)
         except PathError as error:
             return self.reply(error.code, error.enhanced, error.text)
-        user = RcptUser(command.recipient, self._helo, self, self._from)
+        user = RcptUser(command.recipient, self._helo, self, self._from, command.params)
         d = defer.maybeDeferred(self.validateTo, user)
         d.addCallback(self._recipient_accepted, user)
         d.addErrback(self._refuse_failure, "RCPT", sender=self._from, recipient=command.recipient)

@@ -30,12 +30,15 @@ class PendingFile:
 
     ``prepare`` runs in the worker before the fsync; it is where extra
     copies are filled from another file, so that the reactor never copies.
+    A file not to ``keep`` is only the source of such copies: it is
+    removed once they are made.
     """
 
     fd: int
     temporary: str
     final: str
     prepare: Callable[[], None] | None = None
+    keep: bool = True
 
 
 @dataclass
@@ -104,7 +107,7 @@ def _flush_batch(batch: list[_Commit]) -> None:
         except BaseException as error:  # reported to the Deferred, not lost
             item.error = error
     durable = [item for item in batch if item.error is None]
-    directories = {os.path.dirname(f.final) for item in durable for f in item.files}
+    directories = {os.path.dirname(f.final) for item in durable for f in item.files if f.keep}
     for directory in directories:
         try:
             fsync_directory(directory)
@@ -120,11 +123,12 @@ def _fail_commits_in(directory: str, batch: list[_Commit], error: OSError) -> No
     """
     for item in batch:
         if item.error is None and any(
-            os.path.dirname(f.final) == directory for f in item.files
+            f.keep and os.path.dirname(f.final) == directory for f in item.files
         ):
             item.error = error
             for pending in item.files:
-                _unlink_quietly(pending.final)
+                if pending.keep:
+                    _unlink_quietly(pending.final)
 
 
 def _make_durable(files: Sequence[PendingFile]) -> None:
@@ -134,13 +138,17 @@ def _make_durable(files: Sequence[PendingFile]) -> None:
         for pending in files:
             if pending.prepare is not None:
                 pending.prepare()
-            os.fsync(pending.fd)
+            if pending.keep:
+                os.fsync(pending.fd)
         # Closed only now: the copies are taken from the first file's fd.
         for pending in files:
             _close(pending)
         for pending in files:
-            os.rename(pending.temporary, pending.final)
-            renamed.append(pending)
+            if pending.keep:
+                os.rename(pending.temporary, pending.final)
+                renamed.append(pending)
+            else:
+                _unlink_quietly(pending.temporary)
     except BaseException:
         for pending in files:
             discard(pending)

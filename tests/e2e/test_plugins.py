@@ -1,0 +1,236 @@
+"""Policy plugins in the real daemon: a third-party plugin from the README's
+example, installed in a twisted/plugins/ folder on PYTHONPATH, over SMTP and
+over twisted-mta-sendmail; plugins that raise, hang, add headers or refuse
+a message; plugins that are missing or misconfigured."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.accounts import ALIASES, USERS
+from tests.helpers.daemon import TWISTD, Daemon, make_daemon
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sender_blocklist.py"
+SENDMAIL = str(Path(sys.executable).with_name("twisted-mta-sendmail"))
+
+# Test plugins: what each hook does is chosen by the recipient or the body.
+TESTING_PLUGINS = '''
+from twisted.internet import defer
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from twisted_mta.interfaces import IMailPolicyFactory, Verdict
+
+
+class Faulty:
+    def rcpt_to(self, session, transaction, recipient, params):
+        if recipient.startswith("boom@"):
+            raise RuntimeError("kaboom")
+        if recipient.startswith("slow@"):
+            return defer.Deferred()
+        return None
+
+
+class Tagger:
+    def message(self, session, transaction, message):
+        with message.open() as stream:
+            if b"VIRUS" in stream.read():
+                return Verdict.reject(554, "5.7.1", "Message refused: infected")
+        listener = session.listener
+        return Verdict.proceed([("X-Tagged", f"{listener} {message.headers['Subject']}")])
+
+
+@implementer(IPlugin, IMailPolicyFactory)
+class Factory:
+    def __init__(self, name, make):
+        self.name = name
+        self.description = f"the {name} test policy"
+        self.make = make
+
+    def policy(self, options, context):
+        return self.make()
+
+
+faulty = Factory("faulty", Faulty)
+tagger = Factory("tagger", Tagger)
+'''
+
+
+@pytest.fixture
+def plugin_path(tmp_path, monkeypatch) -> Path:
+    """A twisted/plugins/ folder on the daemon's PYTHONPATH, holding the
+    README's example and the test plugins."""
+    root = tmp_path / "site"
+    folder = root / "twisted" / "plugins"
+    folder.mkdir(parents=True)
+    shutil.copy(EXAMPLE, folder / "sender_blocklist.py")
+    (folder / "testing_policies.py").write_text(TESTING_PLUGINS)
+    monkeypatch.setenv("PYTHONPATH", str(root))
+    return root
+
+
+def daemon_with(tmp_path: Path, plugins: str) -> Daemon:
+    return make_daemon(tmp_path / "mta", users=USERS, aliases=ALIASES, extra=plugins)
+
+
+BLOCKLIST = """
+[plugins]
+enabled = ["sender-blocklist"]
+[plugins.sender-blocklist]
+senders = ["bob@example.test", "@bad.example"]
+"""
+
+
+def test_the_readme_example_refuses_over_smtp_and_over_sendmail(tmp_path, plugin_path):
+    daemon = daemon_with(tmp_path, BLOCKLIST).start()
+    try:
+        with daemon.smtp() as client:
+            client.ehlo("client.example.org")
+            code, text = client.mail("spam@bad.example")
+            assert (code, text) == (550, b"5.7.1 <spam@bad.example>: Sender address rejected: blocked")
+            assert client.mail("friend@good.example")[0] == 250
+            assert client.rcpt("alice@example.test")[0] == 250
+            assert client.data(b"Subject: fine\r\n\r\nhello\r\n")[0] == 250
+        assert len(daemon.messages("example.test", "alice")) == 1
+        daemon.wait_for_log(r"NOQUEUE: reject: MAIL from unknown\[127\.0\.0\.1\]: 550 5\.7\.1")
+
+        result = subprocess.run(
+            [SENDMAIL, "-C", str(daemon.config), "-f", "bob@example.test", "alice@example.test"],
+            input=b"Subject: from bob\n\nhello\n",
+            capture_output=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        daemon.wait_for_log(
+            r"to=<alice@example\.test> relay=none .* status=bounced \(550 5\.7\.1 "
+            r"<bob@example\.test>: Sender address rejected: blocked\)"
+        )
+        assert daemon.wait_for(lambda: daemon.messages("example.test", "bob"), timeout=10)
+        [bounce] = daemon.messages("example.test", "bob")
+        assert b"Sender address rejected: blocked" in bounce
+        assert len(daemon.messages("example.test", "alice")) == 1
+    finally:
+        daemon.stop()
+
+
+def test_help_plugins_lists_what_is_installed(plugin_path):
+    result = subprocess.run(
+        [TWISTD, "mta", "--help-plugins"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(
+        line.split(None, 1) == ["sender-blocklist", "Refuse mail from the addresses and"
+                                " @domains listed in 'senders'"]
+        for line in lines
+    ), lines
+    assert any(line.startswith("tagger ") for line in lines)
+
+
+@pytest.mark.parametrize(
+    "plugins, problem",
+    [
+        ('[plugins]\nenabled = ["nonesuch"]\n', "twistd mta: plugins.enabled: no plugin 'nonesuch'"),
+        (
+            '[plugins]\nenabled = ["sender-blocklist"]\n',
+            "twistd mta: plugins.sender-blocklist: senders: expected a list",
+        ),
+        (
+            '[plugins]\nenabled = ["faulty"]\n[plugins.faulty]\non_error = "maybe"\n',
+            "twistd mta: plugins.faulty.on_error: must be one of tempfail, accept",
+        ),
+    ],
+)
+def test_a_plugin_that_cannot_be_made_stops_the_start_in_one_line(
+    tmp_path, plugin_path, plugins, problem
+):
+    daemon = daemon_with(tmp_path, plugins)
+    result = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "mta", "--config", str(daemon.config)],
+        cwd=daemon.root, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert [line for line in result.stderr.splitlines() if "twistd mta:" in line] == [
+        line for line in result.stderr.splitlines() if line.startswith(problem)
+    ]
+    assert problem in result.stderr
+
+
+FAULTY = """
+[plugins]
+enabled = ["faulty"]
+timeout = "1s"
+"""
+
+
+def test_a_raising_or_hanging_hook_is_a_451_and_the_daemon_keeps_serving(tmp_path, plugin_path):
+    daemon = daemon_with(tmp_path, FAULTY).start()
+    try:
+        with daemon.smtp() as client:
+            client.ehlo("client.example.org")
+            assert client.mail("friend@good.example")[0] == 250
+            assert client.rcpt("boom@remote.example") == (
+                451, b"4.3.0 Temporary policy failure, try again later"
+            )
+            assert client.rcpt("slow@remote.example")[0] == 451
+            assert client.rcpt("alice@example.test")[0] == 250
+            assert client.data(b"Subject: still here\r\n\r\nhello\r\n")[0] == 250
+        daemon.wait_for_log(r"plugin faulty: rcpt_to failed: RuntimeError: kaboom; answered 451")
+        daemon.wait_for_log(r"plugin faulty: rcpt_to failed: no answer within 1s; answered 451")
+        assert len(daemon.messages("example.test", "alice")) == 1
+    finally:
+        daemon.stop()
+
+
+def test_on_error_accept_passes_over_a_failing_hook(tmp_path, plugin_path):
+    plugins = FAULTY + '[plugins.faulty]\non_error = "accept"\n'
+    daemon = daemon_with(tmp_path, plugins).start()
+    try:
+        with daemon.smtp() as client:
+            client.ehlo("client.example.org")
+            assert client.mail("friend@good.example")[0] == 250
+            assert client.rcpt("boom@remote.example")[0] == 250
+            assert client.rcpt("alice@example.test")[0] == 250
+        daemon.wait_for_log(r"plugin faulty: rcpt_to failed: RuntimeError: kaboom; passed over")
+    finally:
+        daemon.stop()
+
+
+TAGGER = """
+[plugins]
+enabled = ["tagger"]
+"""
+
+
+def test_a_message_hook_adds_headers_to_every_copy_or_refuses_the_message(
+    tmp_path, plugin_path
+):
+    daemon = daemon_with(tmp_path, TAGGER + "[relay]\nsmarthost = \"127.0.0.1:1\"\n").start()
+    try:
+        with daemon.smtp() as client:
+            client.ehlo("client.example.org")
+            assert client.mail("friend@good.example")[0] == 250
+            for recipient in ("alice@example.test", "bob@example.test", "far@remote.example"):
+                assert client.rcpt(recipient)[0] == 250
+            assert client.data(b"Subject: hello\r\n\r\nbody\r\n")[0] == 250
+            assert client.mail("friend@good.example")[0] == 250
+            assert client.rcpt("alice@example.test")[0] == 250
+            code, text = client.data(b"Subject: bad\r\n\r\nVIRUS\r\n")
+            assert (code, text) == (554, b"5.7.1 Message refused: infected")
+        copies = daemon.messages("example.test", "alice") + daemon.messages("example.test", "bob")
+        queued = sorted((daemon.spool / "queue").glob("*.msg"))
+        assert len(copies) == 2 and len(queued) == 1
+        for stored in copies + [queued[0].read_bytes()]:
+            assert b"X-Tagged: smtp hello\nReceived: from client.example.org" in stored
+            assert stored.endswith(b"Subject: hello\n\nbody\n")
+        for stored in copies:
+            assert stored.startswith(b"Return-Path: <friend@good.example>\nDelivered-To: ")
+        assert not list((daemon.spool / "mail").glob("*/*/tmp/*"))
+        assert not [p for p in (daemon.spool / "queue").iterdir() if p.name.endswith(".tmp")]
+    finally:
+        daemon.stop()

@@ -1,0 +1,162 @@
+"""The plugin points of twisted-mta: mail policies as Twisted plugins.
+
+A third party puts a module in a ``twisted/plugins/`` folder on the Python
+path with an object that provides ``twisted.plugin.IPlugin`` and
+:class:`IMailPolicyFactory`; ``[plugins] enabled`` names it, and
+``[plugins.NAME]`` gives it options.  The factory makes an
+:class:`IMailPolicy`, whose hooks run at each stage of every message, for
+SMTP, submission and local submission (``twisted-mta-sendmail``) alike.
+
+Every hook is optional and may return its answer or a Deferred of it.  A
+hook that raises, or answers after ``[plugins] timeout``, is a temporary
+failure (``451 4.3.0``), or is passed over with ``on_error = "accept"``.
+A hook must not block: the server's sessions share one thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from email.message import Message
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+from zope.interface import Attribute, Interface
+
+REJECT, TEMPFAIL, ACCEPT, PROCEED = "reject", "tempfail", "accept", "proceed"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a hook decided; make one with the class methods."""
+
+    kind: str
+    code: int = 0
+    enhanced: str = ""
+    text: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def reject(cls, code: int = 550, enhanced: str = "5.7.1", text: str = "Rejected") -> Verdict:
+        """Refuse for good (a 5xx reply)."""
+        return cls(REJECT, code, enhanced, text)
+
+    @classmethod
+    def tempfail(
+        cls, code: int = 451, enhanced: str = "4.7.1", text: str = "Try again later"
+    ) -> Verdict:
+        """Refuse for now (a 4xx reply): the client will try again."""
+        return cls(TEMPFAIL, code, enhanced, text)
+
+    @classmethod
+    def accept(cls) -> Verdict:
+        """Go on without asking the policies after this one, at this step."""
+        return cls(ACCEPT)
+
+    @classmethod
+    def proceed(cls, headers: Sequence[tuple[str, str]] = ()) -> Verdict:
+        """Go on, with headers to prepend (``message`` and ``outbound``)."""
+        return cls(PROCEED, headers=tuple(headers))
+
+    @property
+    def refuses(self) -> bool:
+        return self.kind in (REJECT, TEMPFAIL)
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """The client, as a policy sees it.
+
+    ``client_ip`` is the client's address (behind a trusted proxy, the one
+    its PROXY header gives); ``listener`` is ``smtp``, ``submission``,
+    ``submissions``, or ``local`` for ``twisted-mta-sendmail``; ``user``
+    is the authenticated login (for ``local``, the local user who sent it).
+    """
+
+    client_ip: str
+    listener: str
+    helo: str | None = None
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+    user: str | None = None
+
+
+@dataclass(frozen=True)
+class TransactionInfo:
+    """One message's envelope so far."""
+
+    queue_id: str
+    sender: str
+    recipients: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """A message received in full, before it is acknowledged.
+
+    ``headers`` is its header block parsed (our ``Received`` first);
+    ``open()`` gives a binary file of the whole message from its first
+    header, with LF line endings.
+    """
+
+    headers: Message
+    size: int
+    open: Callable[[], BinaryIO]
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a factory may use to make its policy.
+
+    ``state_dir`` is a folder of the plugin's own under the spool, for
+    what it must remember across restarts; ``resolver`` is a
+    ``twisted.names`` resolver using ``[relay] resolvers``;
+    ``trusted_networks`` are ``[relay] networks``.
+    """
+
+    reactor: Any
+    hostname: str
+    state_dir: Path
+    resolver: Any
+    trusted_networks: Sequence[Any] = field(default_factory=tuple)
+
+
+class IMailPolicy(Interface):
+    """Hooks at each stage of a message; every one is optional.
+
+    Each returns None (go on), a :class:`Verdict`, or a Deferred of one.
+    """
+
+    def connect(session: SessionInfo) -> Verdict | None:
+        """A client connected (SMTP only), before the greeting."""
+
+    def helo(session: SessionInfo, name: str) -> Verdict | None:
+        """HELO or EHLO (SMTP only)."""
+
+    def mail_from(session: SessionInfo, sender: str, params: Mapping[str, str]) -> Verdict | None:
+        """The envelope sender (empty for ``<>``) and MAIL's parameters."""
+
+    def rcpt_to(
+        session: SessionInfo,
+        transaction: TransactionInfo,
+        recipient: str,
+        params: Mapping[str, str],
+    ) -> Verdict | None:
+        """A recipient that the server would accept."""
+
+    def message(
+        session: SessionInfo, transaction: TransactionInfo, message: MessageInfo
+    ) -> Verdict | None:
+        """The whole message, after the final dot and before the ``250``;
+        ``Verdict.proceed(headers)`` prepends headers."""
+
+
+class IMailPolicyFactory(Interface):
+    """A named policy that ``[plugins] enabled`` can name."""
+
+    name = Attribute("The name in [plugins] enabled and [plugins.NAME].")
+    description = Attribute("One line for twistd mta --help-plugins.")
+
+    def policy(options: Mapping[str, Any], context: PolicyContext) -> IMailPolicy:
+        """Make the policy from its ``[plugins.NAME]`` options; raise
+        ``ValueError`` (or any exception) naming what is wrong with them."""
