@@ -105,6 +105,30 @@ class MessageInfo:
 
 
 @dataclass(frozen=True)
+class EnvelopeInfo:
+    """A stored message on its way out: ``client_ip`` and ``listener``
+    tell where it came from, ``user`` who sent it when authenticated."""
+
+    queue_id: str
+    sender: str
+    recipients: tuple[str, ...]
+    client_ip: str | None = None
+    listener: str | None = None
+    user: str | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """The final result for one recipient: ``status`` is ``sent`` or
+    ``bounced``; ``relay`` is ``local`` or the host that answered;
+    ``detail`` the reply or our reason."""
+
+    status: str
+    relay: str
+    detail: str
+
+
+@dataclass(frozen=True)
 class PolicyContext:
     """What a factory may use to make its policy.
 
@@ -149,6 +173,14 @@ class IMailPolicy(Interface):
     ) -> Verdict | None:
         """The whole message, after the final dot and before the ``250``;
         ``Verdict.proceed(headers)`` prepends headers."""
+
+    def outbound(envelope: EnvelopeInfo, message: MessageInfo) -> Verdict | None:
+        """Before each attempt to relay the message to ``envelope.recipients``:
+        ``Verdict.proceed(headers)`` prepends headers (a signature); a
+        refusal fails the attempt, temporarily or for good."""
+
+    def delivered(envelope: EnvelopeInfo, recipient: str, result: DeliveryResult) -> None:
+        """A recipient's final result; the answer is not used."""
 
 
 class IMailPolicyFactory(Interface):

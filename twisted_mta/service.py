@@ -132,6 +132,7 @@ class MTAService(service.MultiService):
         relay_settings = _router_settings(config)
         resolver = make_resolver(relay_settings.resolvers)
         self.router = Router(reactor, resolver, config.hostname, relay_settings, self.store)
+        self.router.policies = intake.system.policies
         self.router.setServiceParent(self.queue)
         self.scheduler = Scheduler(
             self.store,
@@ -141,6 +142,7 @@ class MTAService(service.MultiService):
             _queue_policy(config),
             reactor,
         )
+        self.scheduler.policies = intake.system.policies
         self.scheduler.setServiceParent(self.queue)
         self.spool.on_queued = self.scheduler.enqueue
         FlushListener(config.queue_dir, self.scheduler, reactor).setServiceParent(self.queue)
@@ -261,6 +263,7 @@ class MTAService(service.MultiService):
         self.throttle.base_delay = config.auth.failure_delay
         self.throttle.max_failures = config.limits.max_auth_failures_per_ip
         self.maildrop.system = intake.system
+        self.router.policies = self.scheduler.policies = intake.system.policies
         self.scheduler.policy = _queue_policy(config)
         self.scheduler.report = dsn_reporter(intake.system, self.store, config.queue.lifetime)
         self.router.helo_name = config.hostname

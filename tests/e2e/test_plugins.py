@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.accounts import ALIASES, USERS
+from tests.helpers.capture import Behaviour, CaptureServer
 from tests.helpers.daemon import TWISTD, Daemon, make_daemon
+from tests.helpers.relay_fixtures import relay_config, submit, wait_attempt
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sender_blocklist.py"
 SENDMAIL = str(Path(sys.executable).with_name("twisted-mta-sendmail"))
@@ -22,6 +24,7 @@ SENDMAIL = str(Path(sys.executable).with_name("twisted-mta-sendmail"))
 TESTING_PLUGINS = '''
 from twisted.internet import defer
 from twisted.plugin import IPlugin
+from twisted.python import log
 from zope.interface import implementer
 
 from twisted_mta.interfaces import IMailPolicyFactory, Verdict
@@ -56,8 +59,20 @@ class Factory:
         return self.make()
 
 
+class Signer:
+    def outbound(self, envelope, message):
+        if any(r.startswith("refuse@") for r in envelope.recipients):
+            return Verdict.reject(554, "5.7.0", "not signed")
+        subject = message.headers["Subject"]
+        return Verdict.proceed([("X-Signed", f"{envelope.queue_id} {subject}")])
+
+    def delivered(self, envelope, recipient, result):
+        log.msg(f"told: {recipient} {result.status} {result.relay} from {envelope.listener}")
+
+
 faulty = Factory("faulty", Faulty)
 tagger = Factory("tagger", Tagger)
+signer = Factory("signer", Signer)
 '''
 
 
@@ -234,3 +249,29 @@ def test_a_message_hook_adds_headers_to_every_copy_or_refuses_the_message(
         assert not [p for p in (daemon.spool / "queue").iterdir() if p.name.endswith(".tmp")]
     finally:
         daemon.stop()
+
+
+def test_outbound_headers_go_out_with_the_relayed_message_and_results_are_told(
+    tmp_path, plugin_path
+):
+    with CaptureServer(Behaviour(), host="127.0.0.2") as server:
+        extra = relay_config(smarthost=f"{server.host}:{server.port}", smarthost_tls="none")
+        extra += '[plugins]\nenabled = ["signer"]\n'
+        daemon = daemon_with(tmp_path, extra).start()
+        try:
+            sent = b"Subject: out\r\n\r\nbody\r\n"
+            queue_id = submit(
+                daemon, "friend@good.example", ["far@remote.example", "alice@example.test"], sent
+            )
+            wait_attempt(daemon, queue_id, "far@remote.example", "sent")
+            [transaction] = server.transactions
+            assert transaction.message.startswith(f"X-Signed: {queue_id} out\nReceived: ".encode())
+            assert transaction.message.endswith(b"Subject: out\n\nbody\n")
+            daemon.wait_for_log(r"told: alice@example\.test sent local from smtp")
+            daemon.wait_for_log(r"told: far@remote\.example sent 127\.0\.0\.2\[127\.0\.0\.2\]")
+            refused = submit(daemon, "friend@good.example", ["refuse@remote.example"], sent)
+            wait_attempt(daemon, refused, "refuse@remote.example", "bounced")
+            assert len(server.transactions) == 1
+            daemon.wait_for_log(r"told: refuse@remote\.example bounced none from smtp")
+        finally:
+            daemon.stop()

@@ -23,8 +23,6 @@ once per transaction, however many recipients or aliases lead to it;
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,12 +31,18 @@ from twisted.internet import defer
 
 from twisted_mta.directory.resolve import AliasLoop, Directory, UnknownRecipient
 from twisted_mta.directory.watched import DirectoryUnavailable
-from twisted_mta.intake.policies import NO_POLICIES, Outcome, PolicyChain, session_info
+from twisted_mta.intake.policies import (
+    NO_POLICIES,
+    Outcome,
+    PolicyChain,
+    header_lines,
+    message_info,
+    session_info,
+)
 from twisted_mta.intake.refusal import Refusal
 from twisted_mta.intake.spool import IncomingMessage, Spool
-from twisted_mta.interfaces import MessageInfo, TransactionInfo
+from twisted_mta.interfaces import DeliveryResult, EnvelopeInfo, TransactionInfo
 from twisted_mta.mail.address import Address, NullAddress
-from twisted_mta.mail.dsn import HEADERS_LIMIT, header_block
 from twisted_mta.mail.mailbox import Mailbox, UnsafeMailboxName
 from twisted_mta.storage.envelope import Envelope, new_queue_id
 
@@ -254,30 +258,37 @@ class Transaction:
         )
         if self.system.policies.has("message"):
             incoming.review = self._review
+        if self.system.policies.has("delivered") and self.mailboxes:
+            incoming.after_storing = self._tell_delivered
         return incoming
+
+    def _tell_delivered(self, incoming: IncomingMessage) -> None:
+        """Local deliveries are final once stored."""
+        envelope = self.envelope_info()
+        result = DeliveryResult("sent", "local", "delivered to maildir")
+        for delivered_to in sorted(set(self.mailboxes.values())):
+            self.system.policies.run("delivered", envelope, delivered_to, result)
+
+    def envelope_info(self) -> EnvelopeInfo:
+        info = session_info(self.session)
+        return EnvelopeInfo(
+            self.queue_id,
+            self.sender,
+            tuple(self.recipients),
+            info.client_ip,
+            info.listener,
+            self.user,
+        )
 
     def _review(self, incoming: IncomingMessage) -> defer.Deferred[bytes]:
         """Ask the policies about the whole message; fires with the header
         lines they add, or fails with a :class:`Refusal`."""
         d = self.system.policies.run(
-            "message", session_info(self.session), self.info(), _message_info(incoming)
+            "message",
+            session_info(self.session),
+            self.info(),
+            message_info(incoming.open_stored, incoming.size),
         )
         d.addCallback(_refused_by)
-        d.addCallback(lambda outcome: _header_lines(outcome.headers))
+        d.addCallback(lambda outcome: header_lines(outcome.headers))
         return d
-
-
-def _message_info(incoming: IncomingMessage) -> MessageInfo:
-    with incoming.open_stored() as stored:
-        head = header_block(stored.read(HEADERS_LIMIT + 1))
-    headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
-    return MessageInfo(headers, incoming.size, incoming.open_stored)
-
-
-def _header_lines(headers: Sequence[tuple[str, str]]) -> bytes:
-    """``Name: value`` lines; a value's own line breaks become folds."""
-    lines = []
-    for name, value in headers:
-        folded = "\n\t".join(part.strip() for part in value.splitlines() if part.strip())
-        lines.append(f"{name}: {folded}\n")
-    return "".join(lines).encode("utf-8")

@@ -12,10 +12,12 @@ temporary failure, or as no answer with ``on_error = "accept"``.
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, BinaryIO
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -25,12 +27,16 @@ import twisted.plugins
 from twisted_mta.interfaces import (
     PROCEED,
     IMailPolicyFactory,
+    MessageInfo,
     PolicyContext,
     SessionInfo,
     Verdict,
 )
+from twisted_mta.mail.dsn import HEADERS_LIMIT, header_block
 
 ON_ERROR = ("tempfail", "accept")
+# Hooks that are only told of something: what they answer is not used.
+_TOLD_ONLY = frozenset({"delivered"})
 POLICY_FAILURE = Verdict.tempfail(451, "4.3.0", "Temporary policy failure, try again later")
 _log = Logger()
 _FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 2.2: printable ASCII but ':'
@@ -113,15 +119,20 @@ class PolicyChain:
         return verdict
 
     def _failed(self, plugin: Plugin, hook: str, reason: str) -> Verdict | None:
-        accept = plugin.on_error == "accept"
+        if hook in _TOLD_ONLY:
+            outcome, verdict = "ignored", None
+        elif plugin.on_error == "accept":
+            outcome, verdict = "passed over (on_error = accept)", None
+        else:
+            outcome, verdict = "answered 451 4.3.0", POLICY_FAILURE
         _log.warn(
             "plugin {plugin}: {hook} failed: {reason}; {outcome}",
             plugin=plugin.name,
             hook=hook,
             reason=reason,
-            outcome="passed over (on_error = accept)" if accept else "answered 451 4.3.0",
+            outcome=outcome,
         )
-        return None if accept else POLICY_FAILURE
+        return verdict
 
 
 def _bad_headers(headers: Sequence[tuple[str, str]]):
@@ -167,6 +178,23 @@ def load_policies(
             raise PluginError(f"plugins.{name}: {error}") from None
         plugins.append(Plugin(name, policy, on_error))
     return PolicyChain(tuple(plugins), timeout, context.reactor)
+
+
+def message_info(open_message: Callable[[], BinaryIO], size: int) -> MessageInfo:
+    """A message's view for the policies, its header block parsed."""
+    with open_message() as stored:
+        head = header_block(stored.read(HEADERS_LIMIT + 1))
+    headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+    return MessageInfo(headers, size, open_message)
+
+
+def header_lines(headers: Sequence[tuple[str, str]]) -> bytes:
+    """``Name: value`` lines; a value's own line breaks become folds."""
+    lines = []
+    for name, value in headers:
+        folded = "\n\t".join(part.strip() for part in value.splitlines() if part.strip())
+        lines.append(f"{name}: {folded}\n")
+    return "".join(lines).encode("utf-8")
 
 
 def session_info(session: Any) -> SessionInfo:

@@ -148,6 +148,8 @@ class IncomingMessage:
     _primary_header: int = 0
     _error: StorageError | None = None
     review: Callable[[IncomingMessage], defer.Deferred[bytes]] | None = None
+    # Told once the message is durable (the policies' "delivered").
+    after_storing: Callable[[IncomingMessage], None] | None = None
     _extra: bytes = b""
     # Postfix's delay counts from arrival; ours from DATA, when the first
     # byte of the message can be stored.
@@ -249,6 +251,8 @@ class IncomingMessage:
         # before the delivery lines, in the order of the message's life.
         acknowledged.callback(self.queue_id)
         self._log_deliveries()
+        if self.after_storing is not None:
+            self.after_storing(self)
         if self.envelope.remote and self.spool.on_queued is not None:
             self.spool.on_queued(self.queue_id)
 

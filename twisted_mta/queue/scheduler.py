@@ -37,7 +37,9 @@ from twisted.internet import defer
 from twisted.python import log
 
 from twisted_mta import maillog
+from twisted_mta.intake.policies import NO_POLICIES, PolicyChain
 from twisted_mta.intake.spool import StorageError
+from twisted_mta.interfaces import DeliveryResult, EnvelopeInfo
 from twisted_mta.queue.store import CorruptMessage, QueueStore
 from twisted_mta.storage.envelope import FAILED, SENT, QueuedMessage, RecipientState, UnknownMessage
 
@@ -96,6 +98,7 @@ class Scheduler(service.Service):
     _total: int = 0
     # Changes to envelopes not yet on disk (ENOSPC): id -> changes, in order.
     _unwritten: dict[str, list[Change]] = field(default_factory=dict)
+    policies: PolicyChain = NO_POLICIES
 
     def startService(self) -> None:
         super().startService()
@@ -280,6 +283,16 @@ class Scheduler(service.Service):
         for state in updated.recipients:
             if state.address in by_address and state.last_attempt == now:
                 _log_attempt(updated, state, by_address[state.address], now)
+                if not state.pending:
+                    self._tell_delivered(updated, state)
+
+    def _tell_delivered(self, message: QueuedMessage, state: RecipientState) -> None:
+        if not self.policies.has("delivered"):
+            return
+        status = "sent" if state.state == SENT else "bounced"
+        detail = f"{state.status} {state.last_error or 'delivered'}"
+        result = DeliveryResult(status, state.remote or "none", detail)
+        self.policies.run("delivered", envelope_info(message), state.address, result)
 
     def _finished(self, queue_id: str) -> None:
         message = self._load(queue_id)
@@ -367,6 +380,18 @@ def _apply(
         state.last_error = f"message expired after too many attempts; last error: {outcome.text}"
     else:
         state.next_attempt = now + policy.backoff(state.attempts)
+
+
+def envelope_info(message: QueuedMessage) -> EnvelopeInfo:
+    """A queued message's envelope, as the policies see it."""
+    return EnvelopeInfo(
+        message.id,
+        message.sender,
+        tuple(r.address for r in message.recipients),
+        message.client.get("ip"),
+        message.client.get("listener"),
+        message.authenticated,
+    )
 
 
 def _log_attempt(

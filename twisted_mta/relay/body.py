@@ -29,6 +29,7 @@ __all__ = [
     "BareCarriageReturn",
     "BodyOwner",
     "BodyProducer",
+    "Prefixed",
     "DataEncoder",
 ]
 
@@ -63,6 +64,21 @@ class DataEncoder:
         """The terminator, after a line end if the message lacks one."""
         return b".\r\n" if self._line_start else b"\r\n.\r\n"
 
+
+
+class Prefixed:
+    """A queue file read after bytes of our own: headers added on the way
+    out, so the file itself stays as it was stored."""
+
+    def __init__(self, prefix: bytes, file: BinaryIO) -> None:
+        self._prefix = prefix
+        self._file = file
+
+    def read(self, size: int) -> bytes:
+        if self._prefix:
+            chunk, self._prefix = self._prefix[:size], self._prefix[size:]
+            return chunk
+        return self._file.read(size)
 
 
 class BodyOwner(Protocol):

@@ -82,7 +82,8 @@ class Outgoing:
     """One queued message: the envelope and the ``.msg`` file (LF ends).
 
     ``size`` is what SIZE= declares; ``eight_bit`` asks for BODY=8BITMIME,
-    ``smtputf8`` for SMTPUTF8 (also implied by a non-ASCII address).
+    ``smtputf8`` for SMTPUTF8 (also implied by a non-ASCII address);
+    ``prefix`` is header lines sent before the file (a policy's signature).
     """
 
     sender: str
@@ -91,6 +92,7 @@ class Outgoing:
     size: int
     eight_bit: bool = False
     smtputf8: bool = False
+    prefix: bytes = b""
 
 
 @dataclass(frozen=True)

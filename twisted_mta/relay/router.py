@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from twisted.application import service
@@ -25,7 +25,14 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IResolver
 from twisted.names import client as dns_client
 
-from twisted_mta.queue.scheduler import Outcome
+from twisted_mta.intake.policies import (
+    NO_POLICIES,
+    PolicyChain,
+    header_lines,
+    message_info,
+)
+from twisted_mta.intake.policies import Outcome as PolicyOutcome
+from twisted_mta.queue.scheduler import Outcome, envelope_info
 from twisted_mta.queue.store import QueueStore
 from twisted_mta.relay.mx import RouteError, host_addresses, mx_hosts
 from twisted_mta.relay.outgoing import Outgoing, RelayError, RelayTarget, Timeouts, TLSMode
@@ -88,12 +95,24 @@ class Router(service.Service):
     settings: RouterSettings
     store: QueueStore
     timeouts: Timeouts = Timeouts()
+    policies: PolicyChain = NO_POLICIES
     _idle: dict = field(default_factory=dict)
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
         closing = [self._checkout(key) for key in list(self._idle)]
         return defer.DeferredList([s.close() for s in closing if s is not None])
+
+    def _outbound(
+        self, message: QueuedMessage, addresses: tuple[str, ...], path: Path, size: int
+    ) -> defer.Deferred[PolicyOutcome]:
+        """Ask the policies' ``outbound`` hooks (a signature) before an attempt."""
+        if not self.policies.has("outbound"):
+            return defer.succeed(PolicyOutcome())
+        envelope = replace(envelope_info(message), recipients=addresses)
+        return self.policies.run(
+            "outbound", envelope, message_info(lambda: open(path, "rb"), size)
+        )
 
     def destination(self, address: str) -> str:
         """The key grouping recipients into one transaction."""
@@ -110,13 +129,22 @@ class Router(service.Service):
     async def _deliver(self, message: QueuedMessage, recipients) -> list[Outcome]:
         addresses = tuple(r.address for r in recipients)
         path = self.store.data_path(message.id)
+        size = _size(path)
+        outcome = await self._outbound(message, addresses, path, size)
+        refusal = outcome.refusal
+        if refusal is not None:
+            text = f"{refusal.code} {refusal.enhanced} {refusal.text}"
+            permanent = refusal.code >= 500
+            return [Outcome(a, False, permanent, refusal.enhanced, text) for a in addresses]
+        prefix = header_lines(outcome.headers)
         outgoing = Outgoing(
             sender=message.sender,
             recipients=addresses,
             path=path,
-            size=_size(path),
+            size=size + len(prefix),
             eight_bit=message.body == "8BITMIME",
             smtputf8=message.smtputf8,
+            prefix=prefix,
         )
         key = self.destination(addresses[0])
         cached = self._checkout(key)

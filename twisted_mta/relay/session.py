@@ -69,6 +69,7 @@ from typing import BinaryIO
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTCP
 
+from twisted_mta.relay.body import Prefixed
 from twisted_mta.relay.connect import (
     connect_tcp,
     describe,
@@ -309,7 +310,8 @@ class RelaySession:
             self._used = True
             if await self._envelope(outgoing, sender, transaction):
                 transaction.stage = SENDING_BODY
-                reply = await self._connection.send_body(file)
+                body = Prefixed(outgoing.prefix, file) if outgoing.prefix else file
+                reply = await self._connection.send_body(body)
                 transaction.decide_accepted(reply, "end of DATA")
 
     def _check_extensions(self, outgoing: Outgoing) -> None:
