@@ -92,15 +92,7 @@ class MTAServer(Dialogue):
         peer = self.transport.getPeer()
         ip = getattr(peer, "host", str(peer))
         self.session = Session(self.settings.listener, ip)
-        self._auth = Authenticator(
-            self,
-            self.challengers,
-            self.settings,
-            self.throttle,
-            self.clock,
-            self.portal,
-            self.session,
-        )
+        self._auth = Authenticator(self, self.settings, self.throttle, self.clock, self.session)
         self.sessions.add(self)
         if self.sessions.closing:
             self.shut_down()
