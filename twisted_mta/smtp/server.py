@@ -301,11 +301,20 @@ class MTAServer(Dialogue):
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
 
     def _open_message(self):
-        """One message for all recipients, unless the avatar is Twisted-style."""
-        received = self.receivedHeader(self._helo, self._from, [user for user, _ in self._to])
+        """One message for all recipients, unless the avatar is Twisted-style.
+
+        A Twisted-style avatar gets one message per recipient, each with the
+        Received header ``receivedHeader`` gives for that recipient alone, as
+        Twisted's server asks for it: a header written for all of them would
+        show every copy who else (Bcc) received the message.
+        """
         if ITransactionDelivery.providedBy(self.delivery):
+            received = self.receivedHeader(self._helo, self._from, [user for user, _ in self._to])
             return self.delivery.open_message(received)
-        return LineFanout.open([factory for _, factory in self._to], received)
+        return LineFanout.open(self._to, self._received_for)
+
+    def _received_for(self, user: RcptUser) -> bytes | None:
+        return self.receivedHeader(self._helo, self._from, [user])
 
     def message_data(self, data: bytes) -> None:
         rest = self._transfer.feed(data)
