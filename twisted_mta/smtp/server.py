@@ -79,7 +79,6 @@ class MTAServer(Dialogue):
         self.sessions = sessions if sessions is not None else Sessions()
         self.throttle = throttle or AuthThrottle(base_delay=1.0)
         self.clock = clock or reactor
-        self.host = settings.hostname.encode("ascii")
         self.session: Session | None = None
         self._auth: Authenticator | None = None
         self._counted = False
@@ -98,7 +97,7 @@ class MTAServer(Dialogue):
             self.shut_down()
             return
         if not self.limits.acquire(ip):
-            refusal = (421, "4.7.0", f"{self.settings.hostname} Too many connections, try later")
+            refusal = (421, "4.7.0", f"{self.hostname} Too many connections, try later")
             self._refuse("CONNECT", refusal)
             self.close()
             return
@@ -188,7 +187,7 @@ class MTAServer(Dialogue):
             return self.reply(501, "5.5.4", "Syntax: EHLO hostname")
         self._greeted(rest, esmtp=True)
         peer = self.session.client_ip
-        lines = [f"{self.settings.hostname} Hello [{peer}]"]
+        lines = [f"{self.hostname} Hello [{peer}]"]
         for keyword, params in self.extensions().items():
             word = keyword.decode("ascii")
             lines.append(" ".join([word, *(p.decode("ascii") for p in params)]) if params else word)
