@@ -240,6 +240,21 @@ def test_s11_message_errors_with_a_str_text_are_answered(connect):
     assert client.delivery.messages == []
 
 
+# -- Twisted's way in: lineReceived ------------------------------------------
+
+
+@pytest.mark.parametrize("line", [b"HELO evil\nX-Injected: yes", b"HELO a\rb", b"HELO a\x00b"])
+def test_a_line_handed_to_line_received_is_checked_as_input(connect, line):
+    """``lineReceived`` is Twisted's entry for a line: code written for
+    Twisted's server may call it, and it must not skip the input checks."""
+    client = connect()
+    client.server.lineReceived(line)
+    codes = client.codes()
+    assert codes and set(codes) == {500}
+    client.server.lineReceived(b"HELO client.example.org")
+    assert client.codes() == [250]
+
+
 # -- our server alone -------------------------------------------------------
 
 

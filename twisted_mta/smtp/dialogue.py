@@ -267,6 +267,17 @@ class Dialogue(smtp.ESMTP):
             self.input.append(data)
         self._process()
 
+    def lineReceived(self, line: bytes) -> None:
+        """A line without its CRLF, as Twisted's ``LineOnlyReceiver`` hands one over.
+
+        Nothing of ours calls it, but code written for Twisted's server may
+        (a subclass, a test).  Twisted's own ``lineReceived`` would run the
+        line past everything here; this one puts it through the same input
+        as bytes from the client, so it is checked, ordered and answered
+        the same way.
+        """
+        self.dataReceived(line + b"\r\n")
+
     def _process(self) -> None:
         """Run what is buffered, in order, until a command is outstanding.
 
