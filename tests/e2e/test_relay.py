@@ -454,14 +454,15 @@ def test_message_relayed_byte_exact_with_dots_at_chunk_boundaries(world):
     # Bare CR in any form is refused and leaves nothing behind.
     for attempt in (b"a\rb\r\n", b"x\r.\r\n", b"y\r\n.\r", b"z\n.\n"):
         assert_refused(daemon, recipient, b"Subject: bare\r\n\r\n" + attempt)
-    # A message whose first lines are dots; it also shows how long the
-    # Received header is, to know where the relay's chunks start.
+    # A message whose first lines are dots, and no header: it is stored
+    # after our Received header and an empty line.  It also shows how long
+    # the Received header is, to know where the relay's chunks start.
     probe_lf = b".\n..\n.probe starts with dots\n\n.\nbody\n"
     probe_id = submit(daemon, SENDER, [recipient], probe_lf.replace(b"\n", b"\r\n"))
     wait_attempt(daemon, probe_id, recipient, "sent")
     [probe] = world.captures.transactions_for(recipient)
-    trace = received_part(probe, probe_lf)
-    assert probe.data == wire_form(trace + probe_lf)
+    trace = received_part(probe, b"\n" + probe_lf)
+    assert probe.data == wire_form(trace + b"\n" + probe_lf)
     header = len(trace)
     sent_lf = dotted_message(recipient, header)
     sent = sent_lf.replace(b"\n", b"\r\n")

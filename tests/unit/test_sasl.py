@@ -7,9 +7,11 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass, field, replace
 
+import pytest
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import task
+from twisted.mail import imap4, smtp
 from twisted.mail.interfaces import IMessageDelivery
 from zope.interface import implementer
 
@@ -35,6 +37,8 @@ MECHANISMS = {b"PLAIN": Plain, b"LOGIN": Login}
 class Host:
     """Records what the ``Authenticator`` asks of its session."""
 
+    portal: Portal | None
+    challengers: dict
     closed: bool = False
     replies: list[tuple[int, str]] = field(default_factory=list)
     challenges: list[bytes] = field(default_factory=list)
@@ -67,15 +71,14 @@ class Realm:
 
 def authenticator(settings: ServerSettings = SETTINGS, mechanisms=MECHANISMS):
     """An ``Authenticator``, its host, realm and clock."""
-    host, realm, clock = Host(), Realm(), task.Clock()
+    realm, clock = Realm(), task.Clock()
     checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")
+    host = Host(Portal(realm, [checker]), mechanisms)
     auth = Authenticator(
         host,
-        mechanisms,
         settings,
         AuthThrottle(base_delay=1.0),
         clock,
-        Portal(realm, [checker]),
         Session("submission", "192.0.2.1"),
     )
     return auth, host, realm, clock
@@ -121,6 +124,18 @@ def test_auth_that_cannot_start_is_refused_in_order():
     assert host.replies == [(503, "5.5.1")]
 
 
+def test_the_portal_and_mechanisms_are_the_sessions_at_the_time_of_auth():
+    auth, host, _, _ = authenticator(mechanisms={})
+    portal, host.portal = host.portal, None
+    assert auth.offered(tls=True, authenticated=False) == []
+    host.challengers = MECHANISMS
+    assert auth.offered(tls=True, authenticated=False) == [b"PLAIN", b"LOGIN"]
+    start(auth, b"PLAIN " + plain(b"secret"))
+    host.portal = portal
+    start(auth, b"PLAIN " + plain(b"secret"))
+    assert host.replies == [(454, "4.7.0"), (235, "2.7.0")]
+
+
 def test_a_challenge_is_sent_through_the_host_and_star_cancels():
     auth, host, _, _ = authenticator()
     start(auth, b"LOGIN")
@@ -129,6 +144,25 @@ def test_a_challenge_is_sent_through_the_host_and_star_cancels():
     assert host.challenges == [b"Username:", b"Password:"]
     auth.respond(b"*")
     assert host.replies == [(501, "5.0.0")]
+
+
+LOGIN_CHALLENGERS = {
+    "ours": (Login, b"Password:"),
+    "twisted.mail.smtp": (smtp.LOGINCredentials, b"Password:"),
+    "twisted.mail.imap4": (imap4.LOGINCredentials, b"Password\0"),
+}
+
+
+@pytest.mark.parametrize(
+    "challenger, password_prompt", LOGIN_CHALLENGERS.values(), ids=LOGIN_CHALLENGERS
+)
+def test_login_with_an_initial_response_asks_only_for_the_password(challenger, password_prompt):
+    auth, host, _, _ = authenticator(mechanisms={b"LOGIN": challenger})
+    start(auth, b"LOGIN " + base64.b64encode(b"alice"))
+    assert host.challenges == [password_prompt]
+    auth.respond(base64.b64encode(b"secret"))
+    assert [avatar for _, avatar, _ in host.logins] == [b"alice"]
+    assert host.replies == [(235, "2.7.0")]
 
 
 def test_a_response_that_is_not_strict_base64_is_refused():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import gc
 import queue
+import re
 import tracemalloc
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -142,7 +143,7 @@ def test_s6_pipelined_commands_wait_for_asynchronous_validators(connect):
     client.send(b"QUIT\r\nbody\r\n.\r\n")
     delivery.settle()
     assert client.codes() == [250]
-    assert delivery.messages == [b"Received: by test\nQUIT\nbody\n"]
+    assert delivery.messages == [b"Received: by test\n\nQUIT\nbody\n"]
 
 
 def test_s6_reading_pauses_while_a_command_is_outstanding(connect):
@@ -237,6 +238,21 @@ def test_s11_message_errors_with_a_str_text_are_answered(connect):
     reply = client.reply()
     assert (reply.code, reply.text) == (452, b"4.3.1 Disk full")
     assert client.delivery.messages == []
+
+
+# -- Twisted's way in: lineReceived ------------------------------------------
+
+
+@pytest.mark.parametrize("line", [b"HELO evil\nX-Injected: yes", b"HELO a\rb", b"HELO a\x00b"])
+def test_a_line_handed_to_line_received_is_checked_as_input(connect, line):
+    """``lineReceived`` is Twisted's entry for a line: code written for
+    Twisted's server may call it, and it must not skip the input checks."""
+    client = connect()
+    client.server.lineReceived(line)
+    codes = client.codes()
+    assert codes and set(codes) == {500}
+    client.server.lineReceived(b"HELO client.example.org")
+    assert client.codes() == [250]
 
 
 # -- our server alone -------------------------------------------------------
@@ -758,6 +774,19 @@ def test_a_message_is_stored_byte_exact(site):
     [stored] = site.files("new")
     assert stored.read_bytes().endswith(b"\nSubject: x\n\n.dot\n\xff\x00 8bit\n")
     assert site.files("tmp") == []
+
+
+@pytest.mark.parametrize("sent", [b"hello\r\n", b"\r\nhello\r\n"], ids=["none", "empty"])
+def test_a_message_without_a_header_is_stored_after_an_empty_line(site, sent):
+    client = site.client
+    client.start_data()
+    client.send(sent + b".\r\n")
+    site.hop.run_next()
+    assert client.reply().code == 250
+    [stored] = site.files("new")
+    header, _, body = stored.read_bytes().partition(b"\n\n")
+    assert body == b"hello\n"
+    assert all(re.match(rb"[\w-]+: |\t", line) for line in header.split(b"\n"))
 
 
 @pytest.mark.parametrize("sequence", SMUGGLING)

@@ -9,11 +9,15 @@ After any fault it keeps reading, discarding, until the real end, so the
 body can never be read as commands.
 
 A ``DataTransfer`` is one message in DATA: the decoder and the message it
-writes to, and the first error the message raised.
+writes to, and the first error the message raised.  A message that does not
+start with a header field gets an empty line before it, as Postfix's cleanup
+and Twisted's server insert one: a Received header goes on top, and the
+message's first line must not read as part of it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -29,6 +33,9 @@ BARE_LINE_ENDING = "bare CR or LF"
 LINE_TOO_LONG = "line too long"
 TOO_BIG = "message too big"
 TOO_MANY_HOPS = "too many hops"
+
+# RFC 5322 2.2: a field name is printable US-ASCII other than ':', then ':'.
+_HEADER_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
 
 FAULT_REPLIES = {
     BARE_LINE_ENDING: (554, "5.6.0", "Error: bare CR or LF in message; message refused"),
@@ -170,11 +177,22 @@ class DataTransfer:
     def __init__(self, message: OpenMessage, max_size: int, max_hops: int) -> None:
         self.message = message
         self.failure: Failure | None = None
-        self.decoder = DataDecoder(self._write, max_size, max_hops)
+        self.decoder = DataDecoder(self._write_first, max_size, max_hops)
 
     def feed(self, data: bytes) -> bytes | None:
         """As ``DataDecoder.feed``: the bytes after the end of DATA, once it came."""
         return self.decoder.feed(data)
+
+    def _write_first(self, data: bytes) -> None:
+        """The first lines of the message; an empty line first if it has no header.
+
+        The decoder hands over whole lines, so ``data`` starts with the
+        message's whole first line.
+        """
+        self.decoder.sink = self._write
+        if not _HEADER_FIELD.match(data) and not data.startswith(b"\n"):
+            data = b"\n" + data
+        self._write(data)
 
     def _write(self, data: bytes) -> None:
         if self.failure is not None:

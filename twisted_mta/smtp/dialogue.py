@@ -70,6 +70,7 @@ class Dialogue(smtp.ESMTP):
         context_factory: IOpenSSLServerConnectionCreator | None = None,
     ) -> None:
         super().__init__(challengers, context_factory)
+        self.host = settings.hostname
         self.settings = settings
         self.limits = limits
         self.input = InputBuffer()
@@ -125,16 +126,25 @@ class Dialogue(smtp.ESMTP):
         self._process()
 
     def _say_shutting_down(self) -> None:
-        text = f"{self.settings.hostname} Service shutting down, closing connection"
+        text = f"{self.hostname} Service shutting down, closing connection"
         self.reply(421, "4.3.2", text)
         self.close()
 
     def timeoutConnection(self) -> None:
         if self.input_mode != CLOSED:
-            self.reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded")
+            self.reply(421, "4.4.2", f"{self.hostname} Error: timeout exceeded")
         # A client that has not read our replies for a whole timeout would
         # keep the connection open, closing, until it reads the last one.
         self.close(abort=self._output_blocked)
+
+    @property
+    def hostname(self) -> str:
+        """The name the server gives itself: Twisted's ``host``.
+
+        The settings' hostname, unless the factory's ``domain`` (or whoever
+        builds the server) sets ``host`` to another name.
+        """
+        return self.host.decode("ascii", "replace")
 
     @property
     def closed(self) -> bool:
@@ -256,6 +266,17 @@ class Dialogue(smtp.ESMTP):
         else:
             self.input.append(data)
         self._process()
+
+    def lineReceived(self, line: bytes) -> None:
+        """A line without its CRLF, as Twisted's ``LineOnlyReceiver`` hands one over.
+
+        Nothing of ours calls it, but code written for Twisted's server may
+        (a subclass, a test).  Twisted's own ``lineReceived`` would run the
+        line past everything here; this one puts it through the same input
+        as bytes from the client, so it is checked, ordered and answered
+        the same way.
+        """
+        self.dataReceived(line + b"\r\n")
 
     def _process(self) -> None:
         """Run what is buffered, in order, until a command is outstanding.

@@ -2,6 +2,9 @@
 
 What a listener's connections share (portal, settings, mechanisms) can be
 replaced while it runs (``reconfigure``); open connections keep theirs.
+As with Twisted's ``SMTPFactory``, ``protocol`` is the class built (an
+``MTAServer`` subclass, given the same arguments) and ``domain`` the name
+its servers give themselves; by default, the settings' hostname.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ class MTAFactory(smtp.SMTPFactory):
     """Builds ``MTAServer``s for one listener."""
 
     noisy = False
+    protocol: type[MTAServer] = MTAServer
+    _domain: bytes | None = None
 
     def __init__(
         self,
@@ -44,10 +49,23 @@ class MTAFactory(smtp.SMTPFactory):
         self.portal = portal
         self.settings = settings
         self.challengers = challengers
-        self.domain = settings.hostname.encode("ascii")
+
+    @property
+    def domain(self) -> bytes:
+        """The name new servers greet with: the settings' hostname unless set.
+
+        A name set here (or by a subclass) stays through ``reconfigure``.
+        """
+        if self._domain is not None:
+            return self._domain
+        return self.settings.hostname.encode("ascii")
+
+    @domain.setter
+    def domain(self, name: bytes | str) -> None:
+        self._domain = name.encode("ascii") if isinstance(name, str) else name
 
     def buildProtocol(self, addr: IAddress) -> MTAServer:
-        server = MTAServer(
+        server = self.protocol(
             self.settings,
             self.limits,
             dict(self.challengers),
@@ -57,4 +75,5 @@ class MTAFactory(smtp.SMTPFactory):
         )
         server.factory = self
         server.portal = self.portal
+        server.host = self.domain
         return server

@@ -45,22 +45,34 @@ class LineFanout:
     provide ``ITransactionDelivery``.
     """
 
-    def __init__(self, messages: Sequence[IMessageSMTP], received: bytes | None) -> None:
+    def __init__(self, messages: Sequence[IMessageSMTP]) -> None:
         self.messages = messages
         self._partial = b""
-        if received:
-            # Twisted passes its (folded) Received header as one line.
-            for message in messages:
-                message.lineReceived(received.removesuffix(b"\n"))
 
     @classmethod
-    def open(cls, factories: Sequence[Callable], received: bytes | None) -> LineFanout:
-        """Call every factory; if one fails, release the messages made so far."""
+    def open(
+        cls,
+        recipients: Sequence[tuple[RcptUser, Callable[[], IMessageSMTP]]],
+        received: Callable[[RcptUser], bytes | None],
+    ) -> LineFanout:
+        """Make each recipient's message and give it its own Received header.
+
+        ``recipients`` are the ``(user, factory)`` pairs of ``validateTo``;
+        ``received`` the header for one of them (Twisted's
+        ``receivedHeader(helo, origin, [user])``), asked for in turn after
+        each factory, as Twisted's server does.  If anything fails, the
+        messages made so far are released.
+        """
         messages = []
         try:
-            for factory in factories:
-                messages.append(factory())
-            return cls(messages, received)
+            for user, factory in recipients:
+                message = factory()
+                messages.append(message)
+                header = received(user)
+                if header:
+                    # Twisted passes its (folded) Received header as one line.
+                    message.lineReceived(header.removesuffix(b"\n"))
+            return cls(messages)
         except BaseException:
             for message in messages:
                 message.connectionLost()

@@ -20,11 +20,13 @@ input and never slow down a guesser (audit 2.4, S5, S8).  Here:
   first AUTH refused without a check after each failure.
 
 An ``Authenticator`` is the AUTH of one session.  The server makes it when
-the connection opens, with the mechanisms, settings, throttle, clock,
-portal and ``Session`` (the cred mind) it needs, hands it each AUTH command
-and each line that answers a 334 challenge, and is its ``SaslHost``: the
-few things the exchange asks of the session (reply, challenge, log in,
-close).
+the connection opens, with the settings, throttle, clock and ``Session``
+(the cred mind) it needs, hands it each AUTH command and each line that
+answers a 334 challenge, and is its ``SaslHost``: the few things the
+exchange asks of the session (its portal and mechanisms, reply, challenge,
+log in, close).  The portal and mechanisms are the session's of the
+moment, as with Twisted's ``ESMTP``, whose users may set ``portal`` and
+``challengers`` on a server at any time.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ def usable_mechanisms(
 class SaslHost(Protocol):
     """What an ``Authenticator`` asks of its session."""
 
+    portal: Portal | None
+    challengers: dict[bytes, Callable]
+
     @property
     def closed(self) -> bool:
         """Whether the session is closing: nothing more is said."""
@@ -94,19 +99,15 @@ class Authenticator:
     def __init__(
         self,
         host: SaslHost,
-        challengers: dict[bytes, Callable],
         settings: ServerSettings,
         throttle: AuthThrottle,
         clock: IReactorTime,
-        portal: Portal | None,
         session: Session,
     ) -> None:
         self._host = host
-        self._challengers = challengers
         self._settings = settings
         self._throttle = throttle
         self._clock = clock
-        self._portal = portal
         self._session = session
         self._challenger = None
         self._mechanism = ""
@@ -115,10 +116,11 @@ class Authenticator:
 
     def offered(self, tls: bool, authenticated: bool) -> list[bytes]:
         """The mechanisms EHLO announces; none if AUTH is not possible now."""
-        if not self._challengers or authenticated:
+        challengers = self._host.challengers
+        if not challengers or authenticated:
             return []
         if tls or not self._settings.auth_requires_tls:
-            return list(self._challengers)
+            return list(challengers)
         return []
 
     def start(
@@ -126,7 +128,8 @@ class Authenticator:
     ) -> defer.Deferred | None:
         """The AUTH command; a Deferred while the password is checked."""
         reply = self._host.reply
-        if not self._challengers:
+        challengers = self._host.challengers
+        if not challengers:
             return reply(503, "5.5.1", "Error: authentication not enabled")
         if not tls and self._settings.auth_requires_tls:
             return reply(
@@ -140,13 +143,20 @@ class Authenticator:
         mechanism = words[0].upper()
         if not mechanism or len(words) > 2:
             return reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
-        if mechanism not in self._challengers:
+        if mechanism not in challengers:
             return reply(504, "5.5.4", "Error: unsupported authentication mechanism")
+        if self._host.portal is None:
+            return reply(454, "4.7.0", "Temporary authentication failure")
         self._mechanism = mechanism.decode("ascii")
         if self._refused():
             return None
-        self._challenger = self._challengers[mechanism]()
+        self._challenger = challengers[mechanism]()
         if len(words) == 2:
+            # The initial response answers the first challenge (RFC 4954 4),
+            # so that challenge is taken, unsent, as Twisted's server does:
+            # challengers that pop their prompts from a list (Twisted's
+            # LOGINCredentials) would otherwise ask for the user name again.
+            self._challenger.getChallenge()
             return self._response(words[1])
         return self._send_challenge()
 
@@ -205,7 +215,8 @@ class Authenticator:
 
     def _check(self, challenger) -> defer.Deferred:
         """The password check; a failure is logged even if the client has gone."""
-        d = self._portal.login(challenger, self._session, IMessageDeliveryFactory, IMessageDelivery)
+        portal = self._host.portal
+        d = portal.login(challenger, self._session, IMessageDeliveryFactory, IMessageDelivery)
         return d.addErrback(self._log_failure, challenger)
 
     def _log_failure(self, failure: Failure, challenger) -> Failure:

@@ -80,7 +80,6 @@ class MTAServer(Dialogue):
         self.sessions = sessions if sessions is not None else Sessions()
         self.throttle = throttle or AuthThrottle(base_delay=1.0)
         self.clock = clock or reactor
-        self.host = settings.hostname.encode("ascii")
         self.session: Session | None = None
         self._auth: Authenticator | None = None
         self._counted = False
@@ -94,21 +93,13 @@ class MTAServer(Dialogue):
         peer = self.transport.getPeer()
         ip = getattr(peer, "host", str(peer))
         self.session = Session(self.settings.listener, ip)
-        self._auth = Authenticator(
-            self,
-            self.challengers,
-            self.settings,
-            self.throttle,
-            self.clock,
-            self.portal,
-            self.session,
-        )
+        self._auth = Authenticator(self, self.settings, self.throttle, self.clock, self.session)
         self.sessions.add(self)
         if self.sessions.closing:
             self.shut_down()
             return
         if not self.limits.acquire(ip):
-            refusal = (421, "4.7.0", f"{self.settings.hostname} Too many connections, try later")
+            refusal = (421, "4.7.0", f"{self.hostname} Too many connections, try later")
             self._refuse("CONNECT", refusal)
             self.close()
             return
@@ -243,7 +234,7 @@ class MTAServer(Dialogue):
             self.sendCode(250, self.host)
             return
         peer = self.session.client_ip
-        lines = [f"{self.settings.hostname} Hello [{peer}]"]
+        lines = [f"{self.hostname} Hello [{peer}]"]
         for keyword, params in self.extensions().items():
             word = keyword.decode("ascii")
             lines.append(" ".join([word, *(p.decode("ascii") for p in params)]) if params else word)
@@ -364,11 +355,20 @@ class MTAServer(Dialogue):
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
 
     def _open_message(self):
-        """One message for all recipients, unless the avatar is Twisted-style."""
-        received = self.receivedHeader(self._helo, self._from, [user for user, _ in self._to])
+        """One message for all recipients, unless the avatar is Twisted-style.
+
+        A Twisted-style avatar gets one message per recipient, each with the
+        Received header ``receivedHeader`` gives for that recipient alone, as
+        Twisted's server asks for it: a header written for all of them would
+        show every copy who else (Bcc) received the message.
+        """
         if ITransactionDelivery.providedBy(self.delivery):
+            received = self.receivedHeader(self._helo, self._from, [user for user, _ in self._to])
             return self.delivery.open_message(received)
-        return LineFanout.open([factory for _, factory in self._to], received)
+        return LineFanout.open(self._to, self._received_for)
+
+    def _received_for(self, user: RcptUser) -> bytes | None:
+        return self.receivedHeader(self._helo, self._from, [user])
 
     def message_data(self, data: bytes) -> None:
         rest = self._transfer.feed(data)
