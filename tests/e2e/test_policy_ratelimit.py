@@ -1,0 +1,106 @@
+"""The ratelimit plugin in the real daemon: an address and a user over
+their limits, from clients on their own loopback addresses (``[relay]
+networks`` trusts only 127.0.0.1)."""
+
+from __future__ import annotations
+
+import subprocess
+
+from tests.helpers.accounts import ALIASES, USERS
+from tests.helpers.daemon import TWISTD, Daemon, fresh_client_address, insecure_context, make_daemon
+
+RATELIMIT = """
+[relay]
+networks = ["127.0.0.1/32"]
+
+[plugins]
+enabled = ["ratelimit"]
+[plugins.ratelimit]
+per_address = 2
+per_user = 1
+window = "1h"
+"""
+
+
+def daemon_with(tmp_path, extra: str = RATELIMIT) -> Daemon:
+    return make_daemon(tmp_path / "mta", users=USERS, aliases=ALIASES, extra=extra)
+
+
+def send_from(daemon: Daemon, address: str, login: tuple[str, str] | None = None):
+    """One message to bob: MAIL's reply (and the rest when it is a 250)."""
+    listener = "submission" if login else "smtp"
+    with daemon.smtp(listener, source_address=(address, 0)) as client:
+        client.ehlo("client.example.org")
+        if login:
+            client.starttls(context=insecure_context())
+            client.ehlo("client.example.org")
+            client.login(*login)
+        reply = client.mail(login[0] if login else "friend@remote.example")
+        if reply[0] == 250:
+            assert client.rcpt("bob@example.test")[0] == 250
+            assert client.data(b"Subject: hello\r\n\r\nhello\r\n")[0] == 250
+    return reply
+
+
+def test_an_address_over_its_limit_gets_450_and_the_refusal_is_logged(tmp_path):
+    stranger, other = fresh_client_address(), fresh_client_address()
+    daemon = daemon_with(tmp_path).start()
+    try:
+        assert send_from(daemon, stranger)[0] == 250
+        assert send_from(daemon, stranger)[0] == 250
+        assert send_from(daemon, stranger) == (
+            450,
+            f"4.7.1 Too many messages from [{stranger}], try again later".encode(),
+        )
+        daemon.wait_for_log(rf"ratelimit: client {stranger} over 2 messages in 3600s")
+        daemon.wait_for_log(
+            rf"NOQUEUE: reject: MAIL from unknown\[{stranger}\]: 450 4\.7\.1 Too many messages"
+        )
+        assert send_from(daemon, other)[0] == 250
+        # 127.0.0.1 is in [relay] networks: not limited.
+        assert all(send_from(daemon, "127.0.0.1")[0] == 250 for _ in range(3))
+        assert len(daemon.messages("example.test", "bob")) == 6
+    finally:
+        daemon.stop()
+
+
+def test_a_user_over_the_limit_gets_452(tmp_path):
+    address = fresh_client_address()
+    login = ("alice@example.test", "alice-secret")
+    daemon = daemon_with(tmp_path).start()
+    try:
+        assert send_from(daemon, address, login)[0] == 250
+        assert send_from(daemon, fresh_client_address(), login) == (
+            452,
+            b"4.7.0 Too many messages from user alice@example.test, try again later",
+        )
+        daemon.wait_for_log(r"ratelimit: user alice@example\.test over 1 messages in 3600s")
+        # Bob's login from the same address has a count of its own.
+        assert send_from(daemon, address, ("bob@example.test", "bob-secret"))[0] == 250
+    finally:
+        daemon.stop()
+
+
+def test_bad_options_stop_the_start_in_one_line(tmp_path):
+    daemon = daemon_with(tmp_path, RATELIMIT.replace('"1h"', '"soon"'))
+    result = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "mta", "--config", str(daemon.config)],
+        cwd=daemon.root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    problems = [line for line in result.stderr.splitlines() if "twistd mta:" in line]
+    assert problems == [
+        'twistd mta: plugins.ratelimit: window: expected seconds or a duration like "1h",'
+        " not 'soon'"
+    ]
+
+
+def test_help_plugins_lists_ratelimit():
+    result = subprocess.run(
+        [TWISTD, "mta", "--help-plugins"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert any(line.split(None, 1)[:1] == ["ratelimit"] for line in result.stdout.splitlines())

@@ -1,0 +1,5 @@
+"""The built-in ``ratelimit`` policy plugin (``docs/plugins/ratelimit.md``)."""
+
+from twisted_mta.policies.ratelimit import RateLimitFactory
+
+ratelimit = RateLimitFactory()
