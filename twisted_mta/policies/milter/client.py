@@ -66,12 +66,14 @@ class MilterProtocol(Protocol):
     def command(self, *packets: bytes, reply: bool = True) -> defer.Deferred[Reply | None]:
         if self.lost:
             return defer.fail(MilterError("connection to the milter closed"))
-        self.transport.write(b"".join(packets))
         if not reply:
+            self.transport.write(b"".join(packets))
             return defer.succeed(None)
-        self._waiting = defer.Deferred(lambda _: self.abort())
+        # Waiting before writing: a reply may arrive within write().
+        waiting = self._waiting = defer.Deferred(self._cancelled)
         self._arm()
-        return self._waiting
+        self.transport.write(b"".join(packets))
+        return waiting
 
     def close(self) -> None:
         """QUIT, politely; the milter closes its end."""
@@ -82,6 +84,12 @@ class MilterProtocol(Protocol):
     def abort(self) -> None:
         if not self.lost:
             self.transport.abortConnection()
+
+    def _cancelled(self, waiting: defer.Deferred) -> None:
+        # Given up on (the chain's timeout): this connection is done for.
+        self._waiting = None
+        self._disarm()
+        self.abort()
 
     def dataReceived(self, data: bytes) -> None:
         try:

@@ -166,17 +166,21 @@ def decode_optneg(data: bytes) -> Negotiated:
 
 
 def decode_replycode(data: bytes) -> ReplyCode:
-    """``550 5.7.1 text``, or ``550 text``, or a multi-line reply (joined)."""
+    """``550 5.7.1 text``, or ``550 text``, or a multi-line reply (its
+    lines' texts joined)."""
     lines = [line for line in data.rstrip(b"\0").replace(b"\r\n", b"\n").split(b"\n") if line]
     if not lines or not re.fullmatch(rb"[45]\d\d", lines[0][:3]):
         raise ProtocolError(f"reply code {data[:40]!r}: not a 4xx or 5xx reply")
     code = int(lines[0][:3])
-    texts = [line[4:] if line[:3] == lines[0][:3] else line for line in lines]
-    text = b" ".join(texts).strip()
-    first, _, rest = text.partition(b" ")
     enhanced = b""
-    if _ENHANCED.fullmatch(first) and first[:1] == lines[0][:1]:
-        enhanced, text = first, rest
+    texts = []
+    for line in lines:
+        text = line[4:] if line[:3] == lines[0][:3] else line
+        first, _, rest = text.partition(b" ")
+        if _ENHANCED.fullmatch(first) and first[:1] == lines[0][:1]:
+            enhanced, text = enhanced or first, rest
+        texts.append(text.strip())
+    text = b" ".join(texts)
     default = "5.7.1" if code >= 500 else "4.7.1"
     return ReplyCode(
         code, enhanced.decode("ascii") or default, text.decode("utf-8", "replace") or "Refused"
