@@ -484,6 +484,14 @@ def test_an_idle_conversation_is_closed_and_a_later_hook_replays_it():
     assert harness.milter.payloads(b"M") == [b"<ann@example.test>\0"]
 
 
+def test_a_milter_gone_between_hooks_is_asked_again_over_a_new_connection():
+    harness = Harness()
+    harness.mail()
+    harness.milter.transport.loseConnection()
+    assert harness.rcpt("bob@example.test") is None
+    assert len(harness.milters) == 2 and harness.milter.commands() == b"OCHMR"
+
+
 def test_transactions_of_one_session_are_told_apart_by_queue_id():
     harness = Harness()
     harness.mail()

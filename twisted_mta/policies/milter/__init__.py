@@ -208,7 +208,11 @@ class MilterPolicy:
             ("mail", session, transaction.sender)
         )
         if held is not None:
-            return held.conversation
+            kept = held.conversation
+            # A milter that closed its end while we waited (a restart) is
+            # asked again, over a new connection.
+            if kept.answer is not None or not kept.protocol.lost:
+                return kept
         conversation = await self._start(session, transaction.sender, {})
         if replay_recipients:
             try:
