@@ -514,6 +514,7 @@ def test_a_session_without_an_ip_address_connects_as_unknown():
     harness.call(harness.policy.mail_from(session, "ann@example.test", {}))
     assert harness.milter.payloads(b"C") == [b"localhost\0U"]
     assert b"H" not in harness.milter.commands()
+    assert b"{auth_authen}" not in harness.milter.macros()
 
 
 # ---------------------------------------------------------------- options

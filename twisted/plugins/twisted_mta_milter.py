@@ -10,7 +10,7 @@ from twisted_mta.policies.milter import make_policy
 @implementer(IPlugin, IMailPolicyFactory)
 class MilterFactory:
     name = "milter"
-    description = "Ask a Sendmail milter (OpenDKIM, rspamd...) about each message: socket = ..."
+    description = "Ask a Sendmail milter (OpenDKIM, rspamd...) about each message, as smtpd_milters"
 
     def policy(self, options, context):
         return make_policy(options, context)

@@ -210,7 +210,9 @@ class Conversation:
         return self._decided(reply, "Command rejected")
 
     async def mail(self, session: SessionInfo, sender: str, params: Mapping) -> Verdict | None:
-        macros = {"{mail_addr}": sender, "{auth_authen}": session.user}
+        # For the maildrop, ``user`` is the local sender, not an SMTP login.
+        login = session.user if session.listener != "local" else None
+        macros = {"{mail_addr}": sender, "{auth_authen}": login}
         packet = codec.mail(sender.encode("utf-8"), _args(params))
         reply = await self._step(codec.NOMAIL, codec.NR_MAIL, codec.MAIL, packet, macros)
         return self._decided(reply, "Command rejected")
