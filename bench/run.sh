@@ -16,6 +16,7 @@
 #   SCENARIOS="1k-s1=1024:2000:1 ..."     NAME=SIZE:COUNT:SESSIONS[:d]
 #   IDLE=1 IDLE_COUNT=5000 HOLD=20 RATE=500   idle-connection test
 #   CLEAN=1                        delete $BENCH_ROOT/trash at the end
+#   MTA_EXTRA=""                   TOML appended to twisted-mta's bench config
 #   OUT=$BENCH_ROOT/results/<date>  where load.jsonl, idle.jsonl, report.md go
 #
 # Everything listens on and talks to 127.0.0.1 only.  Never unlinks during a
@@ -75,6 +76,8 @@ setup() {
         -e "s|^file = \"users\"|file = \"$BENCH_DIR/users\"|" \
         -e "s|tcp:2535:|tcp:$MTA_PORT:|" \
         "$BENCH_DIR/mta-bench.toml" >"$MTA_CONF"
+    # MTA_EXTRA: TOML appended to the bench config (e.g. [plugins] to enable).
+    if [ -n "${MTA_EXTRA:-}" ]; then printf '\n%s\n' "$MTA_EXTRA" >>"$MTA_CONF"; fi
     "$MTA_VENV/bin/twisted-mta" check-config --config "$MTA_CONF" >/dev/null
 }
 

@@ -93,7 +93,7 @@ def test_bad_options_stop_the_start_in_one_line(tmp_path):
     assert result.returncode != 0
     problems = [line for line in result.stderr.splitlines() if "twistd mta:" in line]
     assert problems == [
-        'twistd mta: plugins.ratelimit: window: expected seconds or a duration like "1h",'
+        'twistd mta: plugins.ratelimit: window: expected seconds or a duration like "5m",'
         " not 'soon'"
     ]
 

@@ -21,6 +21,7 @@ LAYERS = {
     "twisted_mta.mail": 0,
     "twisted_mta.watch": 0,
     "twisted_mta.interfaces": 0,
+    "twisted_mta.durations": 0,
     "twisted_mta.storage": 1,
     "twisted_mta.policies": 1,
     "twisted_mta.maillog": 1,
@@ -162,7 +163,8 @@ def test_no_import_cycle_between_packages():
 
 def test_the_sendmail_command_needs_only_formats_storage_and_config():
     layers = {layer(module)[0] for module in closure(graph(), "twisted_mta.sendmail")}
-    assert layers <= {"twisted_mta.mail", "twisted_mta.storage", "twisted_mta.config"}
+    allowed = {"twisted_mta.mail", "twisted_mta.durations", "twisted_mta.storage", "twisted_mta.config"}
+    assert layers <= allowed
 
 
 @pytest.mark.parametrize(

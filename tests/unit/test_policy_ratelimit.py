@@ -9,6 +9,7 @@ import pytest
 from twisted.internet import task
 from twisted.plugin import IPlugin
 
+from twisted_mta.durations import option_seconds
 from twisted_mta.interfaces import (
     IMailPolicy,
     IMailPolicyFactory,
@@ -16,7 +17,7 @@ from twisted_mta.interfaces import (
     SessionInfo,
     TransactionInfo,
 )
-from twisted_mta.policies.ratelimit import RateLimitFactory, parse_duration
+from twisted_mta.policies.ratelimit import RateLimitFactory
 
 TRUSTED = (ipaddress.ip_network("10.0.0.0/8"),)
 TRANSACTION = TransactionInfo("Q1", "sender@remote.example", ("rcpt@example.test",))
@@ -134,7 +135,7 @@ def test_idle_keys_are_forgotten():
     [(30, 30), ("30", 30), ("30s", 30), ("5m", 300), ("1h", 3600), ("1d", 86400), (1.5, 1.5)],
 )
 def test_windows_take_the_config_duration_forms(value, seconds):
-    assert parse_duration(value, "window") == seconds
+    assert option_seconds(value, "window", positive=True) == seconds
 
 
 @pytest.mark.parametrize(
@@ -144,7 +145,7 @@ def test_windows_take_the_config_duration_forms(value, seconds):
         ({"per_user": "100"}, "per_user: expected a number of messages"),
         ({"per_address": True}, "per_address: expected a number of messages"),
         ({"per_address": 1.5}, "per_address: expected a number of messages"),
-        ({"window": "soon"}, 'window: expected seconds or a duration like "1h"'),
+        ({"window": "soon"}, 'window: expected seconds or a duration like "5m"'),
         ({"window": 0}, "window: expected a duration of more than 0"),
         ({"window": "1y"}, "window: expected seconds or a duration"),
         ({"per_users": 5}, "per_users: unknown option (known: per_user, per_address, window)"),

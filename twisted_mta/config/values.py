@@ -8,13 +8,13 @@ Most parsers are ``(value, key)``; those of paths also take the
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twisted_mta import durations
 from twisted_mta.config.errors import ConfigValueError
 
 MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
@@ -22,8 +22,6 @@ SMARTHOST_TLS_MODES = ("starttls", "implicit", "none")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", re.IGNORECASE)
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SIZE = re.compile(r"(\d+)\s*(?:([kmgt])(?:i?b)?|b)?", re.IGNORECASE)
 _SIZE_UNITS = {None: 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)", re.IGNORECASE)
@@ -145,16 +143,10 @@ def parse_duration(value: Any, key: str) -> float:
 
     Raises :class:`ConfigValueError` (a ValueError) naming *key*.
     """
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.fullmatch(value)):
-        number, unit = match.groups()
-        seconds = float(number) * _DURATION_UNITS[unit.lower()]
-    else:
-        raise expected(key, 'seconds or a duration like "5m"', value)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise expected(key, "a finite duration of 0 or more", value)
-    return seconds
+    try:
+        return durations.seconds(value)
+    except durations.DurationError as error:
+        raise expected(key, error.expected, value) from None
 
 
 def positive_duration(value: Any, key: str) -> float:

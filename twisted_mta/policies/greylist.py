@@ -33,6 +33,7 @@ from twisted.plugin import IPlugin
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from twisted_mta.durations import option_seconds
 from twisted_mta.interfaces import (
     IMailPolicy,
     IMailPolicyFactory,
@@ -48,8 +49,6 @@ DATABASE_NAME = "greylist.sqlite3"
 # would cost more than the rows it saves.
 CLEANUP_INTERVAL = 3600.0
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", re.IGNORECASE)
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 # Bounce Address Tag Validation (RFC-draft "prvs=TAG=user@domain"): a new
 # tag for every message would make every message a new triplet.
 _BATV = re.compile(r"^prvs=[^=@]+=", re.IGNORECASE)
@@ -113,25 +112,8 @@ def parse_options(options: Mapping[str, Any]) -> Settings:
     return settings
 
 
-def _duration(value: Any, key: str) -> float:
-    """Seconds from a number or a string like "30s", "5m", "1h", "2d"."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.fullmatch(value.strip())):
-        number, unit = match.groups()
-        seconds = float(number) * _DURATION_UNITS[unit.lower()]
-    else:
-        raise ValueError(f'{key}: expected seconds or a duration like "5m", not {value!r}')
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{key}: expected a finite duration of 0 or more, not {value!r}")
-    return seconds
-
-
 def _positive_duration(value: Any, key: str) -> float:
-    seconds = _duration(value, key)
-    if seconds == 0:
-        raise ValueError(f"{key}: expected a duration of more than 0, not {value!r}")
-    return seconds
+    return option_seconds(value, key, positive=True)
 
 
 def _integer(value: Any, key: str, low: int, high: int | None) -> int:

@@ -17,8 +17,6 @@ described in ``docs/plugins/ratelimit.md``.
 from __future__ import annotations
 
 import ipaddress
-import math
-import re
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -27,6 +25,7 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from twisted_mta.durations import option_seconds
 from twisted_mta.interfaces import (
     IMailPolicy,
     IMailPolicyFactory,
@@ -39,25 +38,7 @@ from twisted_mta.interfaces import (
 
 OPTIONS = ("per_user", "per_address", "window")
 DEFAULT_WINDOW = "1h"
-# The same forms as the config's durations (twisted_mta.config.values).
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", re.IGNORECASE)
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _log = Logger()
-
-
-def parse_duration(value: Any, key: str) -> float:
-    """Seconds from a number or a string like "30", "30s", "5m", "1h", "1d";
-    raises ValueError naming ``key``."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.fullmatch(value.strip())):
-        number, unit = match.groups()
-        seconds = float(number) * _DURATION_UNITS[unit.lower()]
-    else:
-        raise ValueError(f'{key}: expected seconds or a duration like "1h", not {value!r}')
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"{key}: expected a duration of more than 0, not {value!r}")
-    return seconds
 
 
 def parse_limit(value: Any, key: str) -> int:
@@ -179,7 +160,7 @@ def make_policy(options: Mapping[str, Any], context: PolicyContext) -> RateLimit
         raise ValueError(f"{unknown[0]}: unknown option (known: {', '.join(OPTIONS)})")
     per_user = parse_limit(options.get("per_user", 0), "per_user")
     per_address = parse_limit(options.get("per_address", 0), "per_address")
-    window = parse_duration(options.get("window", DEFAULT_WINDOW), "window")
+    window = option_seconds(options.get("window", DEFAULT_WINDOW), "window", positive=True)
     return RateLimit(per_user, per_address, window, context)
 
 
