@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from tests.helpers.accounts import ALIASES, USERS
 from tests.helpers.capture import Behaviour, CaptureServer
 from tests.helpers.daemon import TWISTD, Daemon, make_daemon
+from tests.helpers.raw import EHLO, MAIL, Raw
 from tests.helpers.relay_fixtures import relay_config, submit, wait_attempt
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sender_blocklist.py"
@@ -275,3 +277,43 @@ def test_outbound_headers_go_out_with_the_relayed_message_and_results_are_told(
             daemon.wait_for_log(r"told: refuse@remote\.example bounced none from smtp")
         finally:
             daemon.stop()
+
+
+def test_a_slow_hook_does_not_hold_up_other_sessions_and_bounces_skip_the_policies(
+    tmp_path, plugin_path
+):
+    plugins = '[plugins]\nenabled = ["faulty", "tagger"]\ntimeout = "5s"\n'
+    daemon = daemon_with(tmp_path, plugins).start()
+    try:
+        slow = Raw(daemon.ports["smtp"])
+        assert slow.reply().code == 220
+        slow.expect(EHLO, 250)
+        slow.expect(MAIL, 250)
+        slow.send(b"RCPT TO:<slow@remote.example>\r\n")
+        started = time.monotonic()
+        with daemon.smtp() as client:
+            client.ehlo("client.example.org")
+            assert client.mail("friend@good.example")[0] == 250
+            assert client.rcpt("alice@example.test")[0] == 250
+            assert client.data(b"Subject: meanwhile\r\n\r\nhello\r\n")[0] == 250
+        assert time.monotonic() - started < 2.0
+        assert slow.reply().code == 451  # the slow one, once its hook timed out
+        slow.sock.close()
+
+        result = subprocess.run(
+            [SENDMAIL, "-C", str(daemon.config), "-f", "alice@example.test", "nobody@example.test"],
+            input=b"Subject: lost\n\nhello\n",
+            capture_output=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert daemon.wait_for(
+            lambda: any(b"Subject: lost" in m for m in daemon.messages("example.test", "alice")),
+            timeout=10,
+        )
+        [bounce] = [m for m in daemon.messages("example.test", "alice") if b"Subject: lost" in m]
+        assert b"Return-Path: <>" in bounce and b"X-Tagged:" not in bounce.split(b"\n\n")[0]
+        tagged = [m for m in daemon.messages("example.test", "alice") if b"meanwhile" in m]
+        assert tagged and b"X-Tagged: smtp meanwhile" in tagged[0]
+    finally:
+        daemon.stop()
