@@ -15,6 +15,7 @@ A hook must not block: the server's sessions share one thread.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import Message
@@ -61,6 +62,28 @@ class Verdict:
     @property
     def refuses(self) -> bool:
         return self.kind in (REJECT, TEMPFAIL)
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def client_address(text: str) -> IPAddress | None:
+    """A client's address; an IPv4-mapped IPv6 one as the IPv4 address (a
+    dual-stack listener sees IPv4 clients so); None if not an IP address."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def address_in(text: str, networks: Sequence[Network]) -> bool:
+    """Whether the client address ``text`` is in one of ``networks``."""
+    address = client_address(text)
+    return address is not None and any(address in network for network in networks)
 
 
 @dataclass(frozen=True)

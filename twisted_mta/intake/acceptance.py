@@ -23,7 +23,6 @@ once per transaction, however many recipients or aliases lead to it;
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -41,12 +40,16 @@ from twisted_mta.intake.policies import (
 )
 from twisted_mta.intake.refusal import Refusal
 from twisted_mta.intake.spool import IncomingMessage, Spool
-from twisted_mta.interfaces import DeliveryResult, EnvelopeInfo, TransactionInfo
+from twisted_mta.interfaces import (
+    DeliveryResult,
+    EnvelopeInfo,
+    Network,
+    TransactionInfo,
+    address_in,
+)
 from twisted_mta.mail.address import Address, NullAddress
 from twisted_mta.mail.mailbox import Mailbox, UnsafeMailboxName
 from twisted_mta.storage.envelope import Envelope, new_queue_id
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass
@@ -67,13 +70,7 @@ class Session:
     local: bool = False
 
     def client_in(self, networks: Sequence[Network]) -> bool:
-        try:
-            address = ipaddress.ip_address(self.client_ip)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in networks)
+        return address_in(self.client_ip, networks)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ from twisted_mta.interfaces import (
     SessionInfo,
     TransactionInfo,
     Verdict,
+    address_in,
+    client_address,
 )
 
 STAGES = ("connect", "rcpt")
@@ -67,21 +69,14 @@ class Listing:
 def query_name(ip: str, zone: str) -> str:
     """The name to look up for ``ip`` in ``zone``: reversed octets for IPv4,
     reversed nibbles for IPv6 (RFC 5782 2.1, 2.4)."""
-    address = _address(ip)
+    address = client_address(ip)
+    if address is None:
+        raise ValueError(f"not an IP address: {ip!r}")
     if address.version == 4:
         labels = reversed(str(address).split("."))
     else:
         labels = reversed(address.exploded.replace(":", ""))
     return ".".join([*labels, zone])
-
-
-def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """The client's address; an IPv4-mapped IPv6 address as the IPv4 one
-    (a dual-stack listener sees IPv4 clients so)."""
-    address = ipaddress.ip_address(ip)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
 
 
 def default_listed(answer: str) -> bool:
@@ -217,11 +212,9 @@ class _Checks:
     def _exempt(self, session: SessionInfo) -> bool:
         if session.listener == "local" or session.user is not None:
             return True
-        try:
-            address = _address(session.client_ip)
-        except ValueError:
+        if client_address(session.client_ip) is None:
             return True  # not an IP client (no address to look up)
-        return any(address in network for network in self.trusted)
+        return address_in(session.client_ip, self.trusted)
 
     @staticmethod
     def _verdict(found, ip: str) -> Verdict | None:

@@ -41,6 +41,8 @@ from twisted_mta.interfaces import (
     SessionInfo,
     TransactionInfo,
     Verdict,
+    address_in,
+    client_address,
 )
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -167,17 +169,6 @@ class Triplet:
     client: str
     sender: str
     recipient: str
-
-
-def client_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The client's address, IPv4-mapped IPv6 as IPv4; None if not an IP."""
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
 
 
 def client_network(text: str, settings: Settings) -> str:
@@ -400,8 +391,7 @@ class Greylist:
         or exempt networks, or to exempt recipients."""
         if session.listener == "local" or session.user:
             return True
-        address = client_address(session.client_ip)
-        if address is not None and any(address in net for net in self.exempt_networks):
+        if address_in(session.client_ip, self.exempt_networks):
             return True
         exempt = self.settings.exempt_recipients
         lowered = recipient.lower()

@@ -16,7 +16,6 @@ described in ``docs/plugins/ratelimit.md``.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -34,6 +33,7 @@ from twisted_mta.interfaces import (
     SessionInfo,
     TransactionInfo,
     Verdict,
+    address_in,
 )
 
 OPTIONS = ("per_user", "per_address", "window")
@@ -129,18 +129,9 @@ class RateLimit:
             return None, ""
         if session.user is not None:
             return self.users, session.user.lower()
-        if self._trusted(session.client_ip):
+        if address_in(session.client_ip, self.trusted):
             return None, ""
         return self.addresses, session.client_ip
-
-    def _trusted(self, ip: str) -> bool:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.trusted)
 
     def _log_refusal(self, kind: str, key: str, counter: SlidingCounter) -> None:
         _log.info(
