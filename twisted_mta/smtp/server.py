@@ -22,7 +22,6 @@ public extension points: the ``portal`` and the cred flow, ``challengers``,
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 from twisted.cred.credentials import Anonymous
@@ -35,14 +34,12 @@ from twisted.internet.interfaces import (
 )
 from twisted.mail import smtp
 from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory
-from twisted.python import log
 from twisted.python.failure import Failure
 
 from twisted_mta import maillog
 from twisted_mta.auth.throttle import AuthThrottle
 from twisted_mta.intake.acceptance import Session
 from twisted_mta.intake.policies import NO_POLICIES, Outcome, PolicyChain, session_info
-from twisted_mta.intake.refusal import Refusal
 from twisted_mta.mail.address import PathError, parse_mail, parse_rcpt
 from twisted_mta.maillog import Stage
 from twisted_mta.smtp.data import FAULT_REPLIES, DataTransfer
@@ -51,10 +48,8 @@ from twisted_mta.smtp.fanout import LineFanout, RcptUser
 from twisted_mta.smtp.limits import ConnectionLimits, ServerSettings, Sessions
 from twisted_mta.smtp.modes import AUTH, CLOSED, COMMAND, DATA
 from twisted_mta.smtp.realm import ITransactionDelivery
+from twisted_mta.smtp.replies import failure_reply
 from twisted_mta.smtp.sasl import Authenticator
-
-_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3} ")
-_LOCAL_ERROR = (451, "4.3.0", "Error: local error in processing")
 
 
 class MTAServer(Dialogue):
@@ -174,30 +169,10 @@ class MTAServer(Dialogue):
         maillog.reject(self.session, stage, *reply, **known)
 
     def _refuse_failure(self, failure: Failure, stage: Stage, **envelope: object) -> None:
-        self._refuse(stage, self._failure_reply(failure), **envelope)
+        self._refuse(stage, failure_reply(failure), **envelope)
 
     def command_failed(self, failure: Failure) -> None:
-        self.reply(*self._failure_reply(failure))
-
-    def _failure_reply(self, failure: Failure) -> tuple[int, str, str]:
-        """The reply to an exception from a validator or a message.
-
-        Twisted wants a str ``resp`` from validators and bytes from messages
-        and hangs the client otherwise (S11); we take either.
-        """
-        error = failure.value
-        if isinstance(error, Refusal):
-            return error.code, error.enhanced, error.text
-        if not isinstance(error, smtp.SMTPServerError):
-            log.err(failure, "unexpected error in SMTP session")
-            return _LOCAL_ERROR
-        resp = error.resp
-        if isinstance(resp, bytes):
-            resp = resp.decode("utf-8", "replace")
-        if not _ENHANCED.match(resp):
-            return error.code, f"{error.code // 100}.0.0", resp
-        enhanced, _, text = resp.partition(" ")
-        return error.code, enhanced, text
+        self.reply(*failure_reply(failure))
 
     # -- commands -------------------------------------------------------
 
@@ -385,12 +360,12 @@ class MTAServer(Dialogue):
             if decoder.fault is not None:
                 self._refuse_message(FAULT_REPLIES[decoder.fault])
             else:
-                self._refuse_message(self._failure_reply(failure))
+                self._refuse_message(failure_reply(failure))
             self._reset_transaction()
             return
         d = defer.maybeDeferred(message.eomReceived)
         d.addCallback(self._message_stored, decoder.size)
-        d.addErrback(lambda failure: self._refuse_message(self._failure_reply(failure)))
+        d.addErrback(lambda failure: self._refuse_message(failure_reply(failure)))
         d.addBoth(lambda _: self._reset_transaction())
         self.wait_for(d)
 
