@@ -8,14 +8,18 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from twisted_mta.auth.checker import cram_md5_warning
 from twisted_mta.auth.passwords import SCHEMES, hash_password
 from twisted_mta.config import Config, ConfigError, dump_config, load_config
 from twisted_mta.directory.users import set_password_line
+from twisted_mta.mail import dkimkeys
+from twisted_mta.policies.dkim import DEFAULT_KEYS, keys_folder
 from twisted_mta.queue import control
 from twisted_mta.queue.store import CorruptMessage, QueueStore
 from twisted_mta.storage.envelope import UnknownMessage
+from twisted_mta.storage.files import write_atomically
 from twisted_mta.tls import TLSError, check_configured_pair
 
 
@@ -119,6 +123,39 @@ def _queue_action(args: argparse.Namespace, store: QueueStore) -> int:
     return 0
 
 
+def _dkim_keygen(args: argparse.Namespace) -> int:
+    domain, selector = args.domain.lower().rstrip("."), args.selector.lower()
+    for what, name in (("domain", domain), ("selector", selector)):
+        if not dkimkeys.valid_name(name):
+            raise CommandError(f"not a valid {what}: {name!r}")
+    folder = Path(args.keys) if args.keys else _configured_keys(args)
+    if not folder.is_dir():
+        raise CommandError(f"no keys folder {folder}")
+    path = folder / dkimkeys.key_file_name(domain, selector)
+    if path.exists():
+        raise CommandError(f"{path} exists; remove it first to make a new key")
+    key = dkimkeys.generate(args.type)
+    status = folder.stat()
+    owner = (status.st_uid, status.st_gid) if os.geteuid() == 0 else None
+    try:
+        write_atomically(path, key, 0o600, owner)
+    except OSError as error:
+        raise CommandError(f"cannot write {path}: {error.strerror or error}") from None
+    print(f"wrote {path} ({args.type}); publish this DNS record:")
+    print(dkimkeys.zone_line(domain, selector, dkimkeys.dns_record(key)))
+    return 0
+
+
+def _configured_keys(args: argparse.Namespace) -> Path:
+    """``[plugins.dkim] keys`` of the config, resolved as the plugin does."""
+    config = _config(args, check_files=False)
+    options = config.plugins.options.get("dkim", {})
+    try:
+        return keys_folder(options.get("keys", DEFAULT_KEYS), config.spool)
+    except ValueError as error:
+        raise CommandError(f"[plugins.dkim] {error}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twisted-mta", description="Manage twisted-mta.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     queue.add_argument("--config", help="the TOML config file (default: $TWISTED_MTA_CONFIG)")
     queue.add_argument("--json", action="store_true", help="list as JSON")
     queue.set_defaults(run=_queue)
+    dkim = commands.add_parser("dkim", help="DKIM signing keys")
+    dkim_commands = dkim.add_subparsers(dest="dkim_command", required=True)
+    keygen = dkim_commands.add_parser("keygen", help="make a key, print its DNS record")
+    keygen.add_argument("domain", help="the From: domain the key signs for")
+    keygen.add_argument("--selector", default="mta", help="the selector (default: mta)")
+    keygen.add_argument("--type", choices=dkimkeys.KEY_TYPES, default="rsa")
+    keygen.add_argument("--keys", help="the keys folder (default: [plugins.dkim] keys)")
+    keygen.add_argument("--config", help="the TOML config file (default: $TWISTED_MTA_CONFIG)")
+    keygen.set_defaults(run=_dkim_keygen)
     return parser
 
 
