@@ -18,6 +18,7 @@ BUILDERS = {
     "AAAA": lambda ttl, address: dns.Record_AAAA(address, ttl),
     "MX": lambda ttl, preference, name: dns.Record_MX(preference, name, ttl),
     "CNAME": lambda ttl, name: dns.Record_CNAME(name, ttl),
+    "TXT": lambda ttl, text: dns.Record_TXT(text.encode(), ttl=ttl),
 }
 
 

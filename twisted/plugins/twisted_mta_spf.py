@@ -1,0 +1,5 @@
+"""The built-in ``spf`` policy plugin (docs/plugins/spf.md)."""
+
+from twisted_mta.policies.spf import SPFFactory
+
+spf = SPFFactory()
