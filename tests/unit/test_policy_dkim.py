@@ -18,7 +18,7 @@ from twisted.python.threadpool import ThreadPool
 from tests.helpers.threads import ThreadReactor
 from twisted_mta.interfaces import MessageInfo, PolicyContext, SessionInfo, TransactionInfo
 from twisted_mta.mail import dkimkeys
-from twisted_mta.policies.dkim import DKIMFactory, from_domain, sign
+from twisted_mta.policies.dkim import factory, from_domain, sign
 
 MESSAGE = (
     b"Received: from client.example.org by mx.example.test\n"
@@ -77,7 +77,7 @@ def policy(tmp_path: Path, reactor, **options):
         state_dir=tmp_path / "spool" / "plugins" / "dkim",
         resolver=None,
     )
-    return DKIMFactory().policy({"keys": str(tmp_path), **options}, context)
+    return factory.policy({"keys": str(tmp_path), **options}, context)
 
 
 def signed(value: str, message: bytes) -> bytes:

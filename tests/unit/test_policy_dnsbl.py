@@ -21,8 +21,8 @@ from twisted_mta.policies.dnsbl import (
     LOOKUP_TIMEOUT,
     MAX_CACHED,
     NEGATIVE_TTL,
-    DnsblFactory,
     default_listed,
+    factory,
     query_name,
 )
 
@@ -70,7 +70,7 @@ def make(options, resolver, clock=None):
         resolver=resolver,
         trusted_networks=TRUSTED,
     )
-    return DnsblFactory().policy(options, context)
+    return factory.policy(options, context)
 
 
 def client(ip, listener="smtp", user=None):
@@ -95,7 +95,6 @@ LISTED = {"2.2.0.192.bl.test": [("127.0.0.2", 300)]}
 
 
 def test_the_factory_is_a_plugin_named_dnsbl():
-    factory = DnsblFactory()
     assert IPlugin.providedBy(factory) and IMailPolicyFactory.providedBy(factory)
     assert factory.name == "dnsbl" and "\n" not in factory.description
     assert IMailPolicy.providedBy(make({"zones": ["bl.test"]}, FakeResolver()))

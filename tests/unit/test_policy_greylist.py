@@ -21,8 +21,8 @@ from twisted_mta.policies.greylist import (
     Database,
     DatabaseThread,
     Greylist,
-    GreylistFactory,
     Settings,
+    factory,
     parse_options,
 )
 
@@ -303,10 +303,10 @@ def test_the_database_runs_in_a_thread_of_its_own_stopped_at_shutdown(tmp_path):
 
 
 def test_the_factory_is_installed_and_touches_no_file(tmp_path):
-    factory = installed()["greylist"]
-    assert isinstance(factory, GreylistFactory)
+    installed_factory = installed()["greylist"]
+    assert installed_factory is factory
     context = PolicyContext(task.Clock(), "mx.example.test", tmp_path / "greylist", None)
-    policy = factory.policy({"delay": "1s"}, context)
+    policy = installed_factory.policy({"delay": "1s"}, context)
     assert policy.settings.delay == 1.0
     assert not (tmp_path / "greylist").exists()
 

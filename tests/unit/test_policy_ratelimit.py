@@ -17,7 +17,7 @@ from twisted_mta.interfaces import (
     SessionInfo,
     TransactionInfo,
 )
-from twisted_mta.policies.ratelimit import RateLimitFactory
+from twisted_mta.policies.ratelimit import factory
 
 TRUSTED = (ipaddress.ip_network("10.0.0.0/8"),)
 TRANSACTION = TransactionInfo("Q1", "sender@remote.example", ("rcpt@example.test",))
@@ -33,7 +33,7 @@ def make(options, clock=None):
         resolver=None,
         trusted_networks=TRUSTED,
     )
-    return RateLimitFactory().policy(options, context)
+    return factory.policy(options, context)
 
 
 def send(policy, session):
@@ -45,7 +45,6 @@ def send(policy, session):
 
 
 def test_the_factory_is_a_plugin_named_ratelimit():
-    factory = RateLimitFactory()
     assert IPlugin.providedBy(factory) and IMailPolicyFactory.providedBy(factory)
     assert factory.name == "ratelimit" and "\n" not in factory.description
     assert IMailPolicy.providedBy(make({}))

@@ -11,7 +11,7 @@ from twisted.names import dns, error
 
 from twisted_mta.interfaces import MessageInfo, PolicyContext, SessionInfo, TransactionInfo
 from twisted_mta.mail.spf import check_host, expand, parse_record
-from twisted_mta.policies.spf import SPFFactory, authentication_results
+from twisted_mta.policies.spf import authentication_results, factory
 
 BUILDERS = {
     "TXT": (dns.TXT, lambda text: dns.Record_TXT(text.encode())),
@@ -311,7 +311,7 @@ def policy(options=None, zones=POLICY_ZONES, clock=None):
         resolver=FakeResolver(zones, failing=[("broken.example", "TXT")]),
         trusted_networks=(ipaddress.ip_network("10.0.0.0/8"),),
     )
-    return SPFFactory().policy(options or {}, context)
+    return factory.policy(options or {}, context)
 
 
 def session(ip="192.0.2.10", listener="smtp", user=None):

@@ -1,5 +1,3 @@
 """The built-in ``dkim`` policy plugin (``docs/plugins/dkim.md``)."""
 
-from twisted_mta.policies.dkim import DKIMFactory
-
-dkim = DKIMFactory()
+from twisted_mta.policies.dkim import factory as dkim  # noqa: F401 (found by getPlugins)

@@ -32,12 +32,10 @@ from typing import Any
 import dkim
 from twisted.internet import defer, threads
 from twisted.logger import Logger
-from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from twisted_mta.interfaces import (
     IMailPolicy,
-    IMailPolicyFactory,
     MessageInfo,
     PolicyContext,
     SessionInfo,
@@ -45,6 +43,7 @@ from twisted_mta.interfaces import (
     Verdict,
 )
 from twisted_mta.mail.dkimkeys import SigningKey, key_file_name, signing_key, valid_name
+from twisted_mta.policies import BuiltinFactory
 
 OPTIONS = ("keys", "selector", "sign")
 DEFAULT_KEYS = "dkim"
@@ -207,12 +206,8 @@ def make_policy(options: Mapping[str, Any], context: PolicyContext) -> DKIMSigne
     return DKIMSigner(KeyFolder(folder, selector.lower()), context)
 
 
-@implementer(IPlugin, IMailPolicyFactory)
-class DKIMFactory:
-    """The ``dkim`` plugin, registered in ``twisted/plugins/``."""
-
-    name = "dkim"
-    description = "Sign submitted mail with DKIM (RSA or Ed25519 keys per From: domain)"
-
-    def policy(self, options: Mapping[str, Any], context: PolicyContext) -> DKIMSigner:
-        return make_policy(options, context)
+factory = BuiltinFactory(
+    "dkim",
+    "Sign submitted mail with DKIM (RSA or Ed25519 keys per From: domain)",
+    make_policy,
+)

@@ -23,12 +23,10 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.names import dns, error
-from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from twisted_mta.interfaces import (
     IMailPolicy,
-    IMailPolicyFactory,
     PolicyContext,
     SessionInfo,
     TransactionInfo,
@@ -36,6 +34,7 @@ from twisted_mta.interfaces import (
     address_in,
     client_address,
 )
+from twisted_mta.policies import BuiltinFactory
 
 STAGES = ("connect", "rcpt")
 OPTIONS = ("zones", "stage", "answers")
@@ -287,12 +286,8 @@ def _answers(value: Any) -> tuple[str, ...]:
         raise ValueError(f"{problem}, not {value!r}") from None
 
 
-@implementer(IPlugin, IMailPolicyFactory)
-class DnsblFactory:
-    """The ``dnsbl`` plugin, registered in ``twisted/plugins/``."""
-
-    name = "dnsbl"
-    description = "Refuse clients whose IP address is listed in the DNS blocklists in 'zones'"
-
-    def policy(self, options: Mapping[str, Any], context: PolicyContext) -> _Checks:
-        return make_policy(options, context)
+factory = BuiltinFactory(
+    "dnsbl",
+    "Refuse clients whose IP address is listed in the DNS blocklists in 'zones'",
+    make_policy,
+)

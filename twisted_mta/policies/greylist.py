@@ -29,14 +29,12 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
-from twisted.plugin import IPlugin
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from twisted_mta.durations import option_seconds
 from twisted_mta.interfaces import (
     IMailPolicy,
-    IMailPolicyFactory,
     PolicyContext,
     SessionInfo,
     TransactionInfo,
@@ -44,6 +42,7 @@ from twisted_mta.interfaces import (
     address_in,
     client_address,
 )
+from twisted_mta.policies import BuiltinFactory
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 DATABASE_NAME = "greylist.sqlite3"
@@ -409,12 +408,14 @@ def _verdict(wait: float | None, recipient: str) -> Verdict | None:
     )
 
 
-@implementer(IPlugin, IMailPolicyFactory)
-class GreylistFactory:
-    name = "greylist"
-    description = "Refuse mail from unknown client/sender/recipient triplets until retried"
+def make_policy(options: Mapping[str, Any], context: PolicyContext) -> Greylist:
+    settings = parse_options(options)
+    thread = database_thread(context.reactor, context.state_dir / DATABASE_NAME)
+    return Greylist(settings, context.reactor, thread.run, context.trusted_networks)
 
-    def policy(self, options: Mapping[str, Any], context: PolicyContext) -> Greylist:
-        settings = parse_options(options)
-        thread = database_thread(context.reactor, context.state_dir / DATABASE_NAME)
-        return Greylist(settings, context.reactor, thread.run, context.trusted_networks)
+
+factory = BuiltinFactory(
+    "greylist",
+    "Refuse mail from unknown client/sender/recipient triplets until retried",
+    make_policy,
+)

@@ -21,13 +21,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.logger import Logger
-from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from twisted_mta.durations import option_seconds
 from twisted_mta.interfaces import (
     IMailPolicy,
-    IMailPolicyFactory,
     MessageInfo,
     PolicyContext,
     SessionInfo,
@@ -35,6 +33,7 @@ from twisted_mta.interfaces import (
     Verdict,
     address_in,
 )
+from twisted_mta.policies import BuiltinFactory
 
 OPTIONS = ("per_user", "per_address", "window")
 DEFAULT_WINDOW = "1h"
@@ -155,12 +154,8 @@ def make_policy(options: Mapping[str, Any], context: PolicyContext) -> RateLimit
     return RateLimit(per_user, per_address, window, context)
 
 
-@implementer(IPlugin, IMailPolicyFactory)
-class RateLimitFactory:
-    """The ``ratelimit`` plugin, registered in ``twisted/plugins/``."""
-
-    name = "ratelimit"
-    description = "Limit the messages per authenticated user and per client address per window"
-
-    def policy(self, options: Mapping[str, Any], context: PolicyContext) -> RateLimit:
-        return make_policy(options, context)
+factory = BuiltinFactory(
+    "ratelimit",
+    "Limit the messages per authenticated user and per client address per window",
+    make_policy,
+)

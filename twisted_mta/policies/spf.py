@@ -26,12 +26,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet import defer
-from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from twisted_mta.interfaces import (
     IMailPolicy,
-    IMailPolicyFactory,
     MessageInfo,
     PolicyContext,
     SessionInfo,
@@ -41,6 +39,7 @@ from twisted_mta.interfaces import (
     client_address,
 )
 from twisted_mta.mail.spf import FAIL, NONE, PASS, TEMPERROR, check_host
+from twisted_mta.policies import BuiltinFactory
 
 OPTIONS = ("reject_fail", "temperror_defer")
 # Well under the default plugin timeout (10 s): a dead name server gives
@@ -192,13 +191,9 @@ def _boolean(value: Any, key: str) -> bool:
     return value
 
 
-@implementer(IPlugin, IMailPolicyFactory)
-class SPFFactory:
-    """The ``spf`` plugin, registered in ``twisted/plugins/``."""
-
-    name = "spf"
-    description = "Check the envelope sender with SPF; add Received-SPF; optionally refuse fail"
-
-    def policy(self, options: Mapping[str, Any], context: PolicyContext) -> SPFPolicy:
-        return make_policy(options, context)
+factory = BuiltinFactory(
+    "spf",
+    "Check the envelope sender with SPF; add Received-SPF; optionally refuse fail",
+    make_policy,
+)
 
