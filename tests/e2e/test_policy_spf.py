@@ -10,7 +10,12 @@ from __future__ import annotations
 import email
 
 from tests.helpers.accounts import ALIASES, USERS
-from tests.helpers.daemon import Daemon, fresh_client_address, insecure_context, make_daemon
+from tests.helpers.daemon import (
+    Daemon,
+    fresh_client_address,
+    insecure_context,
+    make_daemon,
+)
 from tests.helpers.relay_fixtures import DNSServer
 
 

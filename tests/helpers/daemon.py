@@ -236,3 +236,24 @@ def queue_id(reply: bytes) -> str:
     match = _QUEUED.search(reply)
     assert match, reply
     return match.group(1).decode()
+
+
+def failed_start(daemon: Daemon) -> tuple[int, list[str]]:
+    """Start ``daemon`` expecting it to refuse: its exit code and its
+    ``twistd mta:`` lines."""
+    result = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "mta", "--config", str(daemon.config)],
+        cwd=daemon.root, capture_output=True, text=True, timeout=60,
+    )
+    return result.returncode, [
+        line for line in result.stderr.splitlines() if line.startswith("twistd mta:")
+    ]
+
+
+def installed_plugins() -> dict[str, str]:
+    """``twistd mta --help-plugins``: each plugin's name and description."""
+    result = subprocess.run(
+        [TWISTD, "mta", "--help-plugins"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return dict(line.split(None, 1) for line in result.stdout.splitlines())
