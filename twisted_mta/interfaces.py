@@ -28,6 +28,28 @@ REJECT, TEMPFAIL, ACCEPT, PROCEED = "reject", "tempfail", "accept", "proceed"
 
 
 @dataclass(frozen=True)
+class AuthResult:
+    """One result for the ``Authentication-Results`` header (RFC 8601).
+
+    ``method`` and ``result`` as the registry names them (``spf`` and
+    ``pass``, ``dkim`` and ``fail``); ``properties`` such as
+    ``("smtp.mailfrom", "example.com")`` or ``("header.d", "example.com")``;
+    ``reason`` a short text; ``comment`` goes in parentheses after the
+    result (``p=reject dis=none``).
+    """
+
+    method: str
+    result: str
+    properties: tuple[tuple[str, str], ...] = ()
+    reason: str = ""
+    comment: str = ""
+
+    def property(self, name: str) -> str | None:
+        """The first value of the property ``name`` (``header.d``), if any."""
+        return next((value for key, value in self.properties if key == name), None)
+
+
+@dataclass(frozen=True)
 class Verdict:
     """What a hook decided; make one with the class methods."""
 
@@ -36,6 +58,7 @@ class Verdict:
     enhanced: str = ""
     text: str = ""
     headers: tuple[tuple[str, str], ...] = ()
+    results: tuple[AuthResult, ...] = ()
 
     @classmethod
     def reject(cls, code: int = 550, enhanced: str = "5.7.1", text: str = "Rejected") -> Verdict:
@@ -55,9 +78,14 @@ class Verdict:
         return cls(ACCEPT)
 
     @classmethod
-    def proceed(cls, headers: Sequence[tuple[str, str]] = ()) -> Verdict:
-        """Go on, with headers to prepend (``message`` and ``outbound``)."""
-        return cls(PROCEED, headers=tuple(headers))
+    def proceed(
+        cls, headers: Sequence[tuple[str, str]] = (), results: Sequence[AuthResult] = ()
+    ) -> Verdict:
+        """Go on, with headers to prepend (``message`` and ``outbound``) and,
+        from ``message``, results for the one ``Authentication-Results``
+        header that the server prepends (the policies after this one see
+        them in ``MessageInfo.results``)."""
+        return cls(PROCEED, headers=tuple(headers), results=tuple(results))
 
     @property
     def refuses(self) -> bool:
@@ -119,12 +147,14 @@ class MessageInfo:
 
     ``headers`` is its header block parsed (our ``Received`` first);
     ``open()`` gives a binary file of the whole message from its first
-    header, with LF line endings.
+    header, with LF line endings; ``results`` are the authentication
+    results that the policies before this one gave for the message.
     """
 
     headers: Message
     size: int
     open: Callable[[], BinaryIO]
+    results: tuple[AuthResult, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -211,6 +241,10 @@ class IMailPolicyFactory(Interface):
 
     name = Attribute("The name in [plugins] enabled and [plugins.NAME].")
     description = Attribute("One line for twistd mta --help-plugins.")
+    requires = Attribute(
+        "Optional: names of plugins that must be enabled before this one"
+        " (whose results it reads in MessageInfo.results)."
+    )
 
     def policy(options: Mapping[str, Any], context: PolicyContext) -> IMailPolicy:
         """Make the policy from its ``[plugins.NAME]`` options; raise

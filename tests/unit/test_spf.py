@@ -9,9 +9,15 @@ import pytest
 from twisted.internet import defer, task
 from twisted.names import dns, error
 
-from twisted_mta.interfaces import MessageInfo, PolicyContext, SessionInfo, TransactionInfo
+from twisted_mta.interfaces import (
+    AuthResult,
+    MessageInfo,
+    PolicyContext,
+    SessionInfo,
+    TransactionInfo,
+)
 from twisted_mta.mail.spf import check_host, expand, parse_record
-from twisted_mta.policies.spf import authentication_results, factory
+from twisted_mta.policies.spf import factory
 
 BUILDERS = {
     "TXT": (dns.TXT, lambda text: dns.Record_TXT(text.encode())),
@@ -402,8 +408,19 @@ def test_bad_options(options, problem):
         policy(options)
 
 
-def test_authentication_results_fragment():
-    assert authentication_results("pass", "u@good.example", "h.example") == (
-        "spf=pass smtp.mailfrom=good.example"
+def results(checker, client, sender):
+    transaction = TransactionInfo("Q1", sender, ("rcpt@example.test",))
+    return checker.message(client, transaction, MessageInfo(None, 0, None)).results
+
+
+def test_the_result_is_given_for_authentication_results():
+    checker = policy()
+    client = session()
+    fired(checker.mail_from(client, "u@good.example", {}))
+    fired(checker.mail_from(client, "", {}))
+    assert results(checker, client, "u@good.example") == (
+        AuthResult("spf", "pass", (("smtp.mailfrom", "good.example"),)),
     )
-    assert authentication_results("none", "", "h.example") == "spf=none smtp.helo=h.example"
+    assert results(checker, client, "") == (
+        AuthResult("spf", "pass", (("smtp.helo", "mail.client.example"),)),
+    )

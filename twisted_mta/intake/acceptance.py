@@ -15,7 +15,8 @@ sender, then decides on each recipient:
 
 After our own checks the enabled policy plugins are asked (``mail_from``,
 ``rcpt_to``, and ``message`` before the message is acknowledged; see
-:mod:`twisted_mta.intake.policies`).  A refusal is a :class:`Refusal`, the
+:mod:`twisted_mta.intake.policies`); the authentication results they give
+become one ``Authentication-Results`` header of our hostname.  A refusal is a :class:`Refusal`, the
 reply SMTP sends as it is.  Each mailbox and each remote address is kept
 once per transaction, however many recipients or aliases lead to it;
 :meth:`Transaction.open` then starts the one durable copy in the spool.
@@ -47,6 +48,7 @@ from twisted_mta.interfaces import (
     TransactionInfo,
     address_in,
 )
+from twisted_mta.mail import authresults
 from twisted_mta.mail.address import Address, NullAddress
 from twisted_mta.mail.mailbox import Mailbox, UnsafeMailboxName
 from twisted_mta.storage.envelope import Envelope, new_queue_id
@@ -287,5 +289,14 @@ class Transaction:
             message_info(incoming.open_stored, incoming.size),
         )
         d.addCallback(_refused_by)
-        d.addCallback(lambda outcome: header_lines(outcome.headers))
+        d.addCallback(self._added_lines)
         return d
+
+    def _added_lines(self, outcome: Outcome) -> bytes:
+        """The policies' headers, after one ``Authentication-Results`` of
+        their results, if they gave any."""
+        headers = outcome.headers
+        if outcome.results:
+            value = authresults.header_value(self.system.hostname, outcome.results)
+            headers = ((authresults.NAME, value), *headers)
+        return header_lines(headers)

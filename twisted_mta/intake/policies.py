@@ -5,7 +5,8 @@ in every ``twisted/plugins/`` folder on the path; ``[plugins] enabled``
 picks and orders them.  At each stage the policies that have the hook are
 asked one after another: a refusal ends the round, ``Verdict.accept()``
 ends it with a yes, ``None`` or ``Verdict.proceed`` goes on (the latter
-collecting headers).  Each call runs under ``[plugins] timeout``; a hook
+collecting headers, and authentication results that the later policies
+see in ``MessageInfo.results``).  Each call runs under ``[plugins] timeout``; a hook
 that fails or is late is logged with the plugin's name and counts as a
 temporary failure, or as no answer with ``on_error = "accept"``.
 """
@@ -26,6 +27,7 @@ from twisted.plugin import getPlugins
 import twisted.plugins
 from twisted_mta.interfaces import (
     PROCEED,
+    AuthResult,
     IMailPolicyFactory,
     MessageInfo,
     PolicyContext,
@@ -56,11 +58,12 @@ class Plugin:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What the policies of one stage decided: a refusal (or None), and the
-    headers they asked to prepend."""
+    """What the policies of one stage decided: a refusal (or None), the
+    headers they asked to prepend and the authentication results they gave."""
 
     refusal: Verdict | None = None
     headers: tuple[tuple[str, str], ...] = ()
+    results: tuple[AuthResult, ...] = ()
 
 
 class PolicyChain:
@@ -91,16 +94,18 @@ class PolicyChain:
 
     async def _run(self, plugins: list[Plugin], hook: str, args: tuple) -> Outcome:
         headers: list[tuple[str, str]] = []
+        results: list[AuthResult] = []
         for plugin in plugins:
-            verdict = await self._ask(plugin, hook, args)
+            verdict = await self._ask(plugin, hook, _with_results(args, results))
             if verdict is None:
                 continue
             if verdict.refuses:
-                return Outcome(verdict, tuple(headers))
+                return Outcome(verdict, tuple(headers), tuple(results))
             if verdict.kind != PROCEED:
                 break
             headers.extend(verdict.headers)
-        return Outcome(None, tuple(headers))
+            results.extend(verdict.results)
+        return Outcome(None, tuple(headers), tuple(results))
 
     async def _ask(self, plugin: Plugin, hook: str, args: tuple) -> Verdict | None:
         d = defer.maybeDeferred(getattr(plugin.policy, hook), *args)
@@ -135,6 +140,13 @@ class PolicyChain:
         return verdict
 
 
+def _with_results(args: tuple, results: Sequence[AuthResult]) -> tuple:
+    """The hook's arguments, its message view given the results so far."""
+    if results and args and isinstance(args[-1], MessageInfo):
+        return (*args[:-1], replace(args[-1], results=tuple(results)))
+    return args
+
+
 def _bad_headers(headers: Sequence[tuple[str, str]]):
     """Headers that would break the message: a name that is not a field
     name, a value with control characters (line breaks are folded)."""
@@ -161,12 +173,13 @@ def load_policies(
     with one line naming the plugin and what is wrong."""
     factories = installed()
     plugins = []
-    for name in enabled:
+    for position, name in enumerate(enabled):
         if name not in factories:
             known = ", ".join(sorted(factories)) or "none"
             raise PluginError(
                 f"plugins.enabled: no plugin {name!r} is installed (installed: {known})"
             )
+        _check_requirements(name, getattr(factories[name], "requires", ()), enabled[:position])
         given = dict(options.get(name, {}))
         on_error = given.pop("on_error", "tempfail")
         if on_error not in ON_ERROR:
@@ -178,6 +191,14 @@ def load_policies(
             raise PluginError(f"plugins.{name}: {error}") from None
         plugins.append(Plugin(name, policy, on_error))
     return PolicyChain(tuple(plugins), timeout, context.reactor)
+
+
+def _check_requirements(name: str, requires: Sequence[str], before: Sequence[str]) -> None:
+    missing = [needed for needed in requires if needed not in before]
+    if missing:
+        raise PluginError(
+            f"plugins.enabled: {name} needs {' and '.join(missing)} enabled before it"
+        )
 
 
 def message_info(open_message: Callable[[], BinaryIO], size: int) -> MessageInfo:

@@ -19,11 +19,13 @@ from twisted_mta.interfaces import IMailPolicyFactory, PolicyContext
 @dataclass(frozen=True)
 class BuiltinFactory:
     """A built-in plugin: its name, its one line for ``--help-plugins``,
-    and the function that makes its policy from its options."""
+    the function that makes its policy from its options, and the plugins
+    that must be enabled before it."""
 
     name: str
     description: str
     make: Callable[[Mapping[str, Any], PolicyContext], Any]
+    requires: tuple[str, ...] = ()
 
     def policy(self, options: Mapping[str, Any], context: PolicyContext) -> Any:
         return self.make(options, context)

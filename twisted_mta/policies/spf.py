@@ -5,7 +5,8 @@ with :func:`twisted_mta.mail.spf.check_host` (the HELO name, as
 ``postmaster@HELO``, for the null sender).  A ``fail`` is refused only
 with ``reject_fail``, a ``temperror`` deferred only with
 ``temperror_defer``; every result is remembered so that the ``message``
-hook prepends a ``Received-SPF`` header (RFC 7208 section 9.1).
+hook prepends a ``Received-SPF`` header (RFC 7208 section 9.1) and gives
+the result for the server's ``Authentication-Results`` header.
 
 ``mail_from`` has no transaction yet, so the result is kept under
 (client address, HELO, sender) in a bounded dict, and ``message`` finds
@@ -29,6 +30,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from twisted_mta.interfaces import (
+    AuthResult,
     IMailPolicy,
     MessageInfo,
     PolicyContext,
@@ -74,11 +76,12 @@ def received_spf(result: str, explanation: str, hostname: str, key: Key) -> str:
     return f"{result} ({comment}) " + "; ".join(fields) + ";"
 
 
-def authentication_results(result: str, sender: str, helo: str) -> str:
-    """The SPF part of an ``Authentication-Results`` header (RFC 8601)."""
+def auth_result(result: str, sender: str, helo: str) -> AuthResult:
+    """The SPF result for ``Authentication-Results`` (RFC 8601): the
+    domain checked, of the sender or, for ``<>``, the HELO name."""
     if sender:
-        return f"spf={result} smtp.mailfrom={_quoted(sender.rpartition('@')[2])}"
-    return f"spf={result} smtp.helo={_quoted(helo)}"
+        return AuthResult("spf", result, (("smtp.mailfrom", sender.rpartition("@")[2]),))
+    return AuthResult("spf", result, (("smtp.helo", helo),))
 
 
 def _comment(
@@ -140,7 +143,8 @@ class SPFPolicy:
         if found is None:
             return None
         value = received_spf(*found, self.hostname, key)
-        return Verdict.proceed([("Received-SPF", value)])
+        result = auth_result(found[0], transaction.sender, session.helo or "")
+        return Verdict.proceed([("Received-SPF", value)], results=[result])
 
     def result_for(self, session: SessionInfo, sender: str) -> Checked | None:
         """The remembered ``(result, explanation)`` for a sender of ``session``."""
