@@ -29,7 +29,7 @@ from twisted.plugin import IPlugin
 from twisted.python import log
 from zope.interface import implementer
 
-from twisted_mta.interfaces import IMailPolicyFactory, Verdict
+from twisted_mta.interfaces import AuthResult, IMailPolicyFactory, Verdict
 
 
 class Faulty:
@@ -47,7 +47,10 @@ class Tagger:
             if b"VIRUS" in stream.read():
                 return Verdict.reject(554, "5.7.1", "Message refused: infected")
         listener = session.listener
-        return Verdict.proceed([("X-Tagged", f"{listener} {message.headers['Subject']}")])
+        result = AuthResult("x-tag", "pass", (("header.subject", message.headers["Subject"]),))
+        return Verdict.proceed(
+            [("X-Tagged", f"{listener} {message.headers['Subject']}")], results=[result]
+        )
 
 
 @implementer(IPlugin, IMailPolicyFactory)
@@ -234,7 +237,10 @@ def test_a_message_hook_adds_headers_to_every_copy_or_refuses_the_message(
             assert client.mail("friend@good.example")[0] == 250
             for recipient in ("alice@example.test", "bob@example.test", "far@remote.example"):
                 assert client.rcpt(recipient)[0] == 250
-            assert client.data(b"Subject: hello\r\n\r\nbody\r\n")[0] == 250
+            forged = b"Authentication-Results: MX.example.test; x-tag=pass\r\n"
+            other = b"Authentication-Results: other.example; x-tag=fail\r\n"
+            message = forged + other + b"Subject: hello\r\n\r\nbody\r\n"
+            assert client.data(message)[0] == 250
             assert client.mail("friend@good.example")[0] == 250
             assert client.rcpt("alice@example.test")[0] == 250
             code, text = client.data(b"Subject: bad\r\n\r\nVIRUS\r\n")
@@ -242,9 +248,13 @@ def test_a_message_hook_adds_headers_to_every_copy_or_refuses_the_message(
         copies = daemon.messages("example.test", "alice") + daemon.messages("example.test", "bob")
         queued = sorted((daemon.spool / "queue").glob("*.msg"))
         assert len(copies) == 2 and len(queued) == 1
+        ours = b"Authentication-Results: mx.example.test;\n\tx-tag=pass header.subject=hello\n"
         for stored in copies + [queued[0].read_bytes()]:
-            assert b"X-Tagged: smtp hello\nReceived: from client.example.org" in stored
-            assert stored.endswith(b"Subject: hello\n\nbody\n")
+            assert ours + b"X-Tagged: smtp hello\nReceived: from client.example.org" in stored
+            assert stored.endswith(
+                b"\nAuthentication-Results: other.example; x-tag=fail\nSubject: hello\n\nbody\n"
+            )
+            assert stored.count(b"Authentication-Results:") == 2
         for stored in copies:
             assert stored.startswith(b"Return-Path: <friend@good.example>\nDelivered-To: ")
         assert not list((daemon.spool / "mail").glob("*/*/tmp/*"))

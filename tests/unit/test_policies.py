@@ -6,9 +6,17 @@ from __future__ import annotations
 import pytest
 from twisted.internet import defer, task
 
+from twisted_mta.intake import policies as chains
 from twisted_mta.intake.acceptance import Session
 from twisted_mta.intake.policies import POLICY_FAILURE, Plugin, PolicyChain, session_info
-from twisted_mta.interfaces import Verdict
+from twisted_mta.interfaces import (
+    AuthResult,
+    MessageInfo,
+    PolicyContext,
+    TransactionInfo,
+    Verdict,
+)
+from twisted_mta.policies import BuiltinFactory
 
 SESSION = session_info(Session("smtp", "192.0.2.7"))
 
@@ -127,3 +135,65 @@ def test_headers_that_would_break_the_message_are_a_temporary_failure(headers, l
     [result] = outcome(policies)
     assert result.refusal == POLICY_FAILURE
     assert any("cannot be written" in line for line in logged)
+
+
+class Judge:
+    """A ``message`` hook that records the results it was shown."""
+
+    def __init__(self, answer, seen: list) -> None:
+        self.answer, self.seen = answer, seen
+
+    def message(self, session, transaction, message):
+        self.seen.append(message.results)
+        return self.answer
+
+
+def test_results_are_collected_and_shown_to_the_policies_after():
+    spf = AuthResult("spf", "pass", (("smtp.mailfrom", "example.org"),))
+    dkim = AuthResult("dkim", "none")
+    seen: list = []
+    plugins = [
+        Plugin("a", Judge(Verdict.proceed([("X-A", "1")], results=[spf]), seen)),
+        Plugin("b", Judge(None, seen)),
+        Plugin("c", Judge(Verdict.proceed(results=[dkim]), seen)),
+        Plugin("d", Judge(Verdict.proceed(), seen)),
+    ]
+    transaction = TransactionInfo("Q1", "s@example.org", ("r@example.test",))
+    results: list = []
+    PolicyChain(plugins, 5.0, task.Clock()).run(
+        "message", SESSION, transaction, MessageInfo(None, 0, None)
+    ).addCallback(results.append)
+    assert seen == [(), (spf,), (spf,), (spf, dkim)]
+    assert results[0].results == (spf, dkim) and results[0].headers == (("X-A", "1"),)
+
+
+@pytest.fixture
+def factories(monkeypatch):
+    made = {
+        name: BuiltinFactory(name, name, lambda options, context: object(), requires)
+        for name, requires in [("spf", ()), ("dkim", ()), ("dmarc", ("spf", "dkim"))]
+    }
+    monkeypatch.setattr(chains, "installed", lambda: made)
+    return made
+
+
+def load(enabled, tmp_path):
+    context = PolicyContext(task.Clock(), "mx.example.test", tmp_path, None)
+    return chains.load_policies(enabled, {}, 5.0, context)
+
+
+def test_a_plugin_loads_after_those_it_requires(factories, tmp_path):
+    loaded = load(["spf", "dkim", "dmarc"], tmp_path)
+    assert [plugin.name for plugin in loaded.plugins] == ["spf", "dkim", "dmarc"]
+
+
+@pytest.mark.parametrize(
+    "enabled, missing",
+    [(["dmarc"], "spf and dkim"), (["dkim", "dmarc", "spf"], "spf"), (["spf", "dmarc"], "dkim")],
+)
+def test_a_plugin_without_those_it_requires_before_it_stops_the_start(
+    factories, tmp_path, enabled, missing
+):
+    with pytest.raises(chains.PluginError) as raised:
+        load(enabled, tmp_path)
+    assert str(raised.value) == f"plugins.enabled: dmarc needs {missing} enabled before it"

@@ -12,7 +12,10 @@ A ``DataTransfer`` is one message in DATA: the decoder and the message it
 writes to, and the first error the message raised.  A message that does not
 start with a header field gets an empty line before it, as Postfix's cleanup
 and Twisted's server insert one: a Received header goes on top, and the
-message's first line must not read as part of it.
+message's first line must not read as part of it.  Its header block may
+pass through a filter on the way (the removal of forged
+``Authentication-Results``): it is held until its empty line, at most
+``HEADERS_LIMIT`` bytes; a longer block passes as it is.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Protocol
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from twisted_mta.mail.dsn import HEADERS_LIMIT
 from twisted_mta.mail.received import count_received
 
 MAX_LINE = 998  # RFC 5321 4.5.3.1.6, without the CRLF
@@ -174,14 +178,26 @@ class DataTransfer:
     the end of DATA, and the rest of the body is read and dropped.
     """
 
-    def __init__(self, message: OpenMessage, max_size: int, max_hops: int) -> None:
+    def __init__(
+        self,
+        message: OpenMessage,
+        max_size: int,
+        max_hops: int,
+        header_filter: Callable[[bytes], bytes] | None = None,
+    ) -> None:
         self.message = message
         self.failure: Failure | None = None
         self.decoder = DataDecoder(self._write_first, max_size, max_hops)
+        self._header_filter = header_filter
+        self._held = b""
 
     def feed(self, data: bytes) -> bytes | None:
-        """As ``DataDecoder.feed``: the bytes after the end of DATA, once it came."""
-        return self.decoder.feed(data)
+        """As ``DataDecoder.feed``: the bytes after the end of DATA, once it
+        came (then a header block still held has been written)."""
+        rest = self.decoder.feed(data)
+        if rest is not None and self._header_filter is not None:
+            self._release(self._header_filter(self._held))
+        return rest
 
     def _write_first(self, data: bytes) -> None:
         """The first lines of the message; an empty line first if it has no header.
@@ -189,10 +205,29 @@ class DataTransfer:
         The decoder hands over whole lines, so ``data`` starts with the
         message's whole first line.
         """
-        self.decoder.sink = self._write
+        self.decoder.sink = self._write if self._header_filter is None else self._hold
         if not _HEADER_FIELD.match(data) and not data.startswith(b"\n"):
             data = b"\n" + data
-        self._write(data)
+        self.decoder.sink(data)
+
+    def _hold(self, data: bytes) -> None:
+        """Keep the header block until its end; then filter it and go on."""
+        held = self._held + data
+        end = b"\n" + held
+        blank = end.find(b"\n\n")
+        if blank >= 0:
+            self._release(self._header_filter(held[:blank]) + held[blank:])
+        elif len(held) > HEADERS_LIMIT:
+            self._release(held)
+        else:
+            self._held = held
+
+    def _release(self, data: bytes) -> None:
+        self._held = b""
+        self._header_filter = None
+        self.decoder.sink = self._write
+        if data:
+            self._write(data)
 
     def _write(self, data: bytes) -> None:
         if self.failure is not None:

@@ -10,7 +10,9 @@ public extension points: the ``portal`` and the cred flow, ``challengers``,
 
 * DATA is decoded per buffer (``data.py``) and never falls back to
   command mode (S1, S10); one message is written for all recipients,
-  unless the avatar is Twisted-style (``fanout.py``);
+  unless the avatar is Twisted-style (``fanout.py``); arriving
+  ``Authentication-Results`` headers that claim our hostname are removed
+  (RFC 8601 section 5);
 * input pipelined behind STARTTLS is discarded and the session starts over
   inside TLS (S3, S4);
 * AUTH is our own (``sasl.py``; S5);
@@ -41,6 +43,7 @@ from twisted_mta.auth.throttle import AuthThrottle
 from twisted_mta.intake.acceptance import Session
 from twisted_mta.intake.policies import NO_POLICIES, Outcome, PolicyChain, session_info
 from twisted_mta.mail.address import PathError, parse_mail, parse_rcpt
+from twisted_mta.mail.authresults import claimed_remover
 from twisted_mta.maillog import Stage
 from twisted_mta.smtp.data import FAULT_REPLIES, DataTransfer
 from twisted_mta.smtp.dialogue import Dialogue
@@ -323,7 +326,10 @@ class MTAServer(Dialogue):
         except Exception:
             return self._refuse_failure(Failure(), "DATA", **self._envelope())
         self._transfer = DataTransfer(
-            message, self.settings.max_message_size, self.settings.max_hops
+            message,
+            self.settings.max_message_size,
+            self.settings.max_hops,
+            claimed_remover(self.hostname),
         )
         self.input_mode = DATA
         # Enhanced codes have no class 3 (RFC 3463): none on 354, like Postfix.
