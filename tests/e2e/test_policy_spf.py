@@ -35,7 +35,8 @@ reject_fail = {str(reject_fail).lower()}
 def zones(client: str) -> dict[str, list]:
     return {
         "pass.example": [["TXT", f"v=spf1 ip4:{client} -all"]],
-        "fail.example": [["TXT", "v=spf1 -all"]],
+        "fail.example": [["TXT", "v=spf1 -all exp=why.%{d}"]],
+        "why.fail.example": [["TXT", "%{i} is not a sender of %{d}"]],
         "soft.example": [["TXT", "v=spf1 ~all"]],
     }
 
@@ -62,6 +63,13 @@ def received_spf(daemon: Daemon) -> list[str]:
     ]
 
 
+def authentication_results(daemon: Daemon) -> list[str]:
+    return [
+        " ".join(email.message_from_bytes(raw).get("Authentication-Results", "").split())
+        for raw in daemon.messages("example.test", "alice")
+    ]
+
+
 def test_pass_and_softfail_are_delivered_with_received_spf(tmp_path):
     client = fresh_client_address()
     with DNSServer(tmp_path / "dns", zones(client)) as dns:
@@ -70,8 +78,13 @@ def test_pass_and_softfail_are_delivered_with_received_spf(tmp_path):
             for domain in ("pass", "soft", "fail"):
                 assert send(daemon, client, f"someone@{domain}.example")[0] == 250
             headers = received_spf(daemon)
+            results = authentication_results(daemon)
         finally:
             daemon.stop()
+    assert sorted(results) == [
+        f"mx.example.test; spf={result} smtp.mailfrom={domain}.example"
+        for result, domain in [("fail", "fail"), ("pass", "pass"), ("softfail", "soft")]
+    ]
     by_domain = {h.split('envelope-from="someone@')[1].split(".")[0]: h for h in headers}
     assert by_domain["pass"] == (
         "pass (mx.example.test: domain of someone@pass.example designates"
@@ -90,7 +103,10 @@ def test_a_fail_is_refused_at_mail_from_with_reject_fail(tmp_path):
         try:
             code, text = send(daemon, client, "someone@fail.example")
             assert code == 550
-            assert text.startswith(b"5.7.23 SPF fail: someone@fail.example does not designate")
+            assert text == (
+                f"5.7.23 SPF fail: someone@fail.example does not designate {client} as"
+                f" permitted sender ({client} is not a sender of fail.example)"
+            ).encode()
             assert send(daemon, client, "someone@pass.example")[0] == 250
             assert len(daemon.messages("example.test", "alice")) == 1
         finally:

@@ -424,3 +424,57 @@ def test_the_result_is_given_for_authentication_results():
     assert results(checker, client, "") == (
         AuthResult("spf", "pass", (("smtp.helo", "mail.client.example"),)),
     )
+
+
+def explained(zones, ip="192.0.2.10", **kw):
+    results = []
+    resolver = FakeResolver(zones, **kw)
+    check_host(ip, "example.com", "user@example.com", "h.example", resolver).addCallback(
+        results.append
+    )
+    return results[0]
+
+
+def test_a_fail_explains_itself_with_the_domains_exp_text():
+    zones = {
+        "example.com": spf("v=spf1 -all exp=why.%{d}"),
+        "why.example.com": [("TXT", "%{c} may not send for %{o}: see https://%{d}/spf")],
+    }
+    assert explained(zones) == (
+        "fail",
+        "192.0.2.10 may not send for example.com: see https://example.com/spf",
+    )
+
+
+def test_the_exp_of_a_redirect_target_is_used_and_that_of_an_include_is_not():
+    redirected = {
+        "example.com": spf("v=spf1 redirect=policy.example.net"),
+        "policy.example.net": spf("v=spf1 -all exp=why.example.net"),
+        "why.example.net": [("TXT", "policy says no")],
+    }
+    assert explained(redirected) == ("fail", "policy says no")
+    included = {
+        "example.com": spf("v=spf1 -include:inner.example.net -all"),
+        "inner.example.net": spf("v=spf1 -ip4:198.51.100.1 +all exp=why.example.net"),
+        "why.example.net": [("TXT", "inner text")],
+    }
+    assert explained(included) == ("fail", "include of example.com matched")
+
+
+@pytest.mark.parametrize(
+    "texts, failing",
+    [
+        ([], ()),
+        (["one", "two"], ()),
+        (["bad\r\n250 injected"], ()),
+        (["caf\u00e9"], ()),
+        (["%{x} unknown macro"], ()),
+        (["fine"], [("why.example.com", "TXT")]),
+    ],
+)
+def test_an_unusable_exp_gives_our_own_text(texts, failing):
+    zones = {
+        "example.com": spf("v=spf1 -all exp=why.example.com"),
+        "why.example.com": [("TXT", text) for text in texts],
+    }
+    assert explained(zones, failing=failing) == ("fail", "all of example.com matched")

@@ -11,14 +11,16 @@ Implemented: the mechanisms ``all``, ``include``, ``a``, ``mx``, ``ptr``
 expansion (``s l o d i p v h``, the digit and ``r`` transformers and
 delimiters; ``%{p}`` is always ``unknown``, as section 7.3 allows); dual
 CIDR lengths on ``a`` and ``mx``; the limits of 10 DNS-querying terms and
-2 void lookups (section 4.6.4).  The ``exp`` modifier is checked for
-syntax but not fetched: the explanation is always our own text.
+2 void lookups (section 4.6.4).  A ``fail`` explains itself with the
+domain's ``exp`` text (section 6.2: macros ``c r t`` too, printable ASCII
+only) when it has one that can be fetched, else with our own text.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +50,8 @@ _DOMAIN_LETTERS = "slodipvh"
 _EXP_LETTERS = _DOMAIN_LETTERS + "crt"
 
 _DNS_FAILURES = (error.DomainError, error.ResolverError, defer.TimeoutError, OSError)
+_PRINTABLE = re.compile(r"[ -~]*")
+MAX_EXPLANATION = 200
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -85,6 +89,7 @@ class Record:
 
     terms: tuple[Term, ...]
     redirect: str | None = None
+    explanation: str | None = None
 
 
 def check_host(
@@ -128,7 +133,7 @@ def parse_record(text: str) -> Record:
             terms.append(_term(*mechanism.groups()))
         else:
             _modifier(part, modifiers)
-    return Record(tuple(terms), modifiers.get("redirect"))
+    return Record(tuple(terms), modifiers.get("redirect"), modifiers.get("exp"))
 
 
 def _modifier(part: str, modifiers: dict[str, str]) -> None:
@@ -236,7 +241,9 @@ class _Evaluation:
         except SPFError as problem:
             return problem.result, str(problem)
 
-    async def check(self, domain: str) -> tuple[str, str]:
+    async def check(self, domain: str, explain: bool = True) -> tuple[str, str]:
+        """``check_host()`` of ``domain``; ``explain``: a ``fail`` may use
+        the domain's ``exp`` (not inside an ``include``, section 6.2)."""
         domain = domain.rstrip(".").lower()
         if not valid_domain(domain):
             return NONE, f"{domain!r} is not a domain name"
@@ -246,15 +253,40 @@ class _Evaluation:
         record = parse_record(text)
         for term in record.terms:
             if await self.matches(term, domain):
-                return term.result, f"{term.name} of {domain} matched"
+                explanation = f"{term.name} of {domain} matched"
+                if term.result == FAIL and explain and record.explanation:
+                    explanation = await self.explanation(record.explanation, domain, explanation)
+                return term.result, explanation
         if record.redirect is None:
             return NEUTRAL, f"no mechanism of {domain} matched"
-        return await self.redirect(record.redirect, domain)
+        return await self.redirect(record.redirect, domain, explain)
 
-    async def redirect(self, spec: str, domain: str) -> tuple[str, str]:
+    async def explanation(self, spec: str, domain: str, default: str) -> str:
+        """The text of the ``exp`` domain's one TXT record, its macros
+        expanded; ``default`` when there is no such single, printable text
+        or DNS fails (section 6.2)."""
+        try:
+            target = self.expand_domain(spec, domain)
+            texts = await self.query(self.resolver.lookupText, target, dns.TXT, void_counts=False)
+        except SPFError:
+            return default
+        if len(texts) != 1:
+            return default
+        text = _txt(texts[0])
+        try:
+            for word in text.split(" "):  # explain-string: macro strings and spaces
+                _check_macro_string(word, _EXP_LETTERS)
+        except PermError:
+            return default
+        expanded = expand(text, self.macro_values(domain, explaining=True))
+        if not expanded or not _PRINTABLE.fullmatch(expanded):
+            return default
+        return expanded[:MAX_EXPLANATION]
+
+    async def redirect(self, spec: str, domain: str, explain: bool = True) -> tuple[str, str]:
         self.count_lookup()
         target = self.expand_domain(spec, domain)
-        result, explanation = await self.check(target)
+        result, explanation = await self.check(target, explain)
         if result == NONE:
             raise PermError(f"redirect to {target}: {explanation}")
         return result, explanation
@@ -282,7 +314,7 @@ class _Evaluation:
         return await method(term, target)
 
     async def match_include(self, term: Term, target: str) -> bool:
-        result, explanation = await self.check(target)
+        result, explanation = await self.check(target, explain=False)
         if result in (NONE, PERMERROR):
             raise PermError(f"include:{target}: {explanation}")
         if result == TEMPERROR:
@@ -370,9 +402,9 @@ class _Evaluation:
             expanded = expanded.partition(".")[2]
         return expanded.lower()
 
-    def macro_values(self, domain: str) -> dict[str, str]:
+    def macro_values(self, domain: str, explaining: bool = False) -> dict[str, str]:
         local, _, sender_domain = self.sender.rpartition("@")
-        return {
+        values = {
             "s": self.sender,
             "l": local,
             "o": sender_domain,
@@ -382,6 +414,9 @@ class _Evaluation:
             "v": "in-addr" if self.ip.version == 4 else "ip6",
             "h": self.helo,
         }
+        if explaining:
+            values.update(c=str(self.ip), r="unknown", t=str(int(time.time())))
+        return values
 
 
 def expand(spec: str, values: dict[str, str]) -> str:
