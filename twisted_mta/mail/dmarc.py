@@ -17,7 +17,7 @@ from __future__ import annotations
 import email.utils
 import functools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from publicsuffixlist import PublicSuffixList
@@ -108,7 +108,9 @@ def _tags(text: str) -> dict[str, str]:
     return tags
 
 
-def _checked(tags: dict[str, str], name: str, valid, default: str) -> str:
+def _checked(
+    tags: dict[str, str], name: str, valid: Callable[[str], object], default: str
+) -> str:
     value = tags.get(name, default)
     if not valid(value):
         raise RecordError(f"{name}={value}: not a valid value")
