@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from twisted.internet import defer, task
 
-from tests.unit.test_spf import FakeResolver
+from tests.helpers.fake_resolver import FakeResolver
 from twisted_mta.intake.policies import PluginError, load_policies
 from twisted_mta.interfaces import (
     AuthResult,
@@ -20,6 +20,7 @@ from twisted_mta.interfaces import (
     PolicyContext,
     SessionInfo,
     TransactionInfo,
+    Verdict,
 )
 from twisted_mta.policies.dmarc import DMARCPolicy, factory
 
@@ -194,10 +195,12 @@ def test_an_invalid_record_is_a_permerror_never_enforced():
 
 
 @pytest.mark.parametrize("from_", [None, "", "undisclosed recipients", "a@[192.0.2.1]"])
-def test_no_usable_from_is_a_permerror_never_enforced(from_):
-    answer = verdict(policy({"enforce": True}), message(from_))
+def test_no_usable_from_is_a_permerror_refused_with_enforce(from_):
+    answer = verdict(policy(), message(from_))
     assert answer.kind == "proceed"
     assert dmarc(answer) == AuthResult("dmarc", "permerror", reason="no usable From: address")
+    refused = verdict(policy({"enforce": True}), message(from_))
+    assert refused == Verdict.reject(550, "5.7.1", "Message refused: no usable From: address")
 
 
 def test_several_from_domains_each_get_a_result_and_the_strictest_applies():

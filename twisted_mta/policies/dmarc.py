@@ -143,13 +143,22 @@ class DMARCPolicy:
             return None
         domains = author_domains(message.headers.get_all("From") or [])
         if domains is None:
-            unusable = AuthResult("dmarc", PERMERROR, reason="no usable From: address")
-            return Verdict.proceed(results=[unusable])
+            return self._without_author()
         spf, dkim = identifiers(message.results)
         judged = [defer.ensureDeferred(self._judge(domain, spf, dkim)) for domain in domains]
         d = defer.gatherResults(judged, consumeErrors=True)
         d.addCallback(self._verdict)
         return d
+
+    def _without_author(self) -> Verdict:
+        """A message without a usable From: address has no domain whose
+        policy could apply; with ``enforce`` it is refused (RFC 7489
+        6.6.1), since a From: that only looks broken would otherwise slip
+        past every ``p=reject``."""
+        if self.enforce:
+            return Verdict.reject(550, "5.7.1", "Message refused: no usable From: address")
+        unusable = AuthResult("dmarc", PERMERROR, reason="no usable From: address")
+        return Verdict.proceed(results=[unusable])
 
     def _exempt(self, session: SessionInfo) -> bool:
         if session.listener != "smtp" or session.user is not None:
