@@ -18,7 +18,8 @@ from twisted.python.threadpool import ThreadPool
 from tests.helpers.threads import ThreadReactor
 from twisted_mta.interfaces import MessageInfo, PolicyContext, SessionInfo, TransactionInfo
 from twisted_mta.mail import dkimkeys
-from twisted_mta.policies.dkim import factory, from_domain, sign
+from twisted_mta.policies.dkim import factory
+from twisted_mta.policies.dkim.sign import from_domain, sign
 
 MESSAGE = (
     b"Received: from client.example.org by mx.example.test\n"
@@ -189,7 +190,7 @@ def test_options_are_checked(tmp_path, reactor):
 
 def test_a_relative_keys_folder_is_under_the_spool(tmp_path, reactor):
     signer = policy(tmp_path, reactor, keys="dkim")
-    assert signer.keys.folder == tmp_path / "spool" / "dkim"
+    assert signer.signer.keys.folder == tmp_path / "spool" / "dkim"
 
 
 def test_small_rsa_keys_are_refused():
