@@ -4,6 +4,7 @@ the RFC 8463 Appendix A message checked against its published keys."""
 
 from __future__ import annotations
 
+import base64
 import email.parser
 import email.policy
 import io
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import dkim
 import pytest
+from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, task
 from twisted.names import dns
 from twisted.names import error as dns_error
@@ -321,6 +323,39 @@ def test_verification_can_be_turned_off(tmp_path, reactor, keys):
 def test_the_verify_option_is_checked(tmp_path, reactor):
     with pytest.raises(ValueError, match="verify: expected true or false, not 'yes'"):
         make(tmp_path, reactor, {}, verify="yes")
+
+
+# A 768-bit RSA key: too small to be trusted (RFC 8301), and too small for
+# the key generators of today, hence written here.
+SMALL_RSA_KEY = b"""\
+-----BEGIN PRIVATE KEY-----
+MIIB5AIBADANBgkqhkiG9w0BAQEFAASCAc4wggHKAgEAAmEA1JLecCU40IKHmxJg
+kcsU+968e/VN0RZYYbzpPzjYVWmGPUdWsHTm45fmrlBDzvLREuK6au29jbO3Zg1W
+HoPMXqr4Ex8f0U6Z2DReHujSpH/dGyFD1JJfvwxEb2GbLtADAgMBAAECYDvxwrpb
+NL9P38+yCftzClLQh9Ro423P4FKHhDro29CSNmG3aVHPVYDeyBVl2wlT3W+IV+J8
+FQb7064eREpdPdlZgxaZovuPfj2ehZ7Jzka4Sc303WHzjcq5pYl0oiLsOQIxAPtK
+IAq1BccExVkOUbkv+hu8/SPTnJOnldEHsYY+Xqe91rV5BkPEytLCcvthT+GLdwIx
+ANiO9MppdMlfaV+KlbydotLjnOCvUpNnaOk6yUCBYXzP+wj2uLoVRQxSdU7Kyg3q
+1QIxALSoWdjYw8qM94RK8x38DAedGzCClfLhbKfWrB4jANH/fTkCRSq7dEWJXjiz
+gUZZiQIwIGEnmsgvzRg2AjIPd3c+bDfaMgIk36NbnVvL0ZhGwkm6qDlzn2ckvtXp
+clGB6pjNAjAU0uFpIuOnbBAylarhUA9mJlT5wEKv4oq7sFHQ+PvChUNllfvlllQi
+zlgQ6KXHObY=
+-----END PRIVATE KEY-----
+"""
+
+
+def test_a_signature_by_a_small_rsa_key_does_not_pass(tmp_path, reactor):
+    private = serialization.load_pem_private_key(SMALL_RSA_KEY, None)
+    public = private.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    text = "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode()
+    field = dkim.sign(
+        MESSAGE.replace(b"\n", b"\r\n"), b"sel", b"example.org", SMALL_RSA_KEY
+    ).replace(b"\r\n", b"\n")
+    zones = {"sel._domainkey.example.org": [[text]]}
+    [result] = results(tmp_path, reactor, zones, arrived(field))
+    assert (result.result, result.reason) == ("permerror", "public key too small")
 
 
 # RFC 8463 Appendix A: the message of RFC 6376 Appendix A signed with an
