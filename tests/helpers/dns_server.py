@@ -1,7 +1,8 @@
 """A DNS server for tests: ``python dns_server.py ZONES.json``.
 
 Serves the records of a JSON file ``{"name": [["MX", 10, "mx1.test"],
-["A", "127.0.0.2"], ["AAAA", "::1"], ["CNAME", "other.test"]], ...}``
+["A", "127.0.0.2"], ["AAAA", "::1"], ["CNAME", "other.test"],
+["TXT", "first string", "second string"]], ...}``
 authoritatively over UDP and TCP on 127.0.0.1, on a free port it prints
 as ``port N`` once it listens.  Names not in the file are NXDOMAIN.
 """
@@ -18,7 +19,9 @@ BUILDERS = {
     "AAAA": lambda ttl, address: dns.Record_AAAA(address, ttl),
     "MX": lambda ttl, preference, name: dns.Record_MX(preference, name, ttl),
     "CNAME": lambda ttl, name: dns.Record_CNAME(name, ttl),
-    "TXT": lambda ttl, text: dns.Record_TXT(text.encode(), ttl=ttl),
+    # One record of one or more strings: a DKIM key is longer than the
+    # 255 bytes of one string.
+    "TXT": lambda ttl, *texts: dns.Record_TXT(*(text.encode() for text in texts), ttl=ttl),
 }
 
 

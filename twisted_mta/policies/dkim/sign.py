@@ -1,4 +1,4 @@
-"""Sign the mail our users submit with DKIM (RFC 6376, RFC 8463).
+"""The signer of the ``dkim`` plugin: submitted mail gets a signature.
 
 The signature is made with dkimpy (``dkim.sign``): a small, pure Python
 signer that does RSA-SHA256 itself and Ed25519-SHA256 through PyNaCl,
@@ -7,24 +7,20 @@ verifier the tests check the result with.  It runs in a worker thread
 (``deferToThreadPool``): reading the key and hashing the message would
 block the reactor.
 
-Mail is signed once, in the ``message`` hook, when it was submitted (by
-an authenticated user, or locally through ``twisted-mta-sendmail``) and
-a key of the From: header's domain is in the ``keys`` folder.  The
-header is then prepended to the stored message, so every copy carries
-it, local and queued alike, and the relay sends it unchanged; there is
-no ``outbound`` hook, which would sign the queued copy a second time.
+Mail is signed once, in the ``message`` hook, when a key of the From:
+header's domain is in the ``keys`` folder.  The header is then prepended
+to the stored message, so every copy carries it, local and queued alike,
+and the relay sends it unchanged; there is no ``outbound`` hook, which
+would sign the queued copy a second time.
 
 The message is stored with LF line ends; it is signed in its CRLF form,
 the one it has on the wire.  Keys are read again whenever their file
-changes.  Options, the key folder and ``twisted-mta dkim keygen`` are
-described in ``docs/plugins/dkim.md``.
+changes.
 """
 
 from __future__ import annotations
 
 import email.utils
-import os
-from collections.abc import Mapping
 from email.message import Message
 from pathlib import Path
 from typing import Any
@@ -32,23 +28,10 @@ from typing import Any
 import dkim
 from twisted.internet import defer, threads
 from twisted.logger import Logger
-from zope.interface import implementer
 
-from twisted_mta.interfaces import (
-    IMailPolicy,
-    MessageInfo,
-    PolicyContext,
-    SessionInfo,
-    TransactionInfo,
-    Verdict,
-)
+from twisted_mta.interfaces import MessageInfo, TransactionInfo, Verdict
 from twisted_mta.mail.dkimkeys import SigningKey, key_file_name, signing_key, valid_name
-from twisted_mta.policies import BuiltinFactory
 
-OPTIONS = ("keys", "selector", "sign")
-DEFAULT_KEYS = "dkim"
-DEFAULT_SELECTOR = "mta"
-SIGN_MODES = ("authenticated",)
 SIGNED_HEADERS = (
     "from",
     "to",
@@ -64,13 +47,6 @@ SIGNED_HEADERS = (
     "references",
 )
 _log = Logger()
-
-
-def keys_folder(value: Any, spool: Path) -> Path:
-    """The ``keys`` option: an absolute folder, or one under the spool."""
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"keys: expected a folder, not {value!r}")
-    return spool / value if not os.path.isabs(value) else Path(value)
 
 
 def from_domain(headers: Message) -> str | None:
@@ -152,19 +128,18 @@ class KeyFolder:
         return key
 
 
-@implementer(IMailPolicy)
-class DKIMSigner:
-    """Signs submitted mail whose From: domain has a key."""
+class Signer:
+    """Signs a submitted message whose From: domain has a key."""
 
-    def __init__(self, keys: KeyFolder, context: PolicyContext) -> None:
+    def __init__(self, keys: KeyFolder, reactor: Any) -> None:
         self.keys = keys
-        self.reactor = context.reactor
+        self.reactor = reactor
 
-    def message(
-        self, session: SessionInfo, transaction: TransactionInfo, message: MessageInfo
+    def sign_message(
+        self, transaction: TransactionInfo, message: MessageInfo
     ) -> defer.Deferred[Verdict | None] | None:
-        if session.user is None and session.listener != "local":
-            return None
+        """A Deferred of the verdict that prepends the signature, or of
+        None when the domain has no key; None without a From: domain."""
         domain = from_domain(message.headers)
         if domain is None:
             return None
@@ -187,27 +162,3 @@ class DKIMSigner:
             selector=self.keys.selector,
         )
         return Verdict.proceed([("DKIM-Signature", value)])
-
-
-def make_policy(options: Mapping[str, Any], context: PolicyContext) -> DKIMSigner:
-    """The policy for ``[plugins.dkim]``; raises ValueError naming the
-    option that is wrong.  A relative ``keys`` is under the spool (the
-    parent of the plugins' state folders)."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ValueError(f"{', '.join(unknown)}: unknown option (known: {', '.join(OPTIONS)})")
-    folder = keys_folder(options.get("keys", DEFAULT_KEYS), context.state_dir.parent.parent)
-    selector = options.get("selector", DEFAULT_SELECTOR)
-    if not isinstance(selector, str) or not valid_name(selector):
-        raise ValueError(f"selector: expected a DNS label, not {selector!r}")
-    mode = options.get("sign", SIGN_MODES[0])
-    if mode not in SIGN_MODES:
-        raise ValueError(f"sign: expected one of {', '.join(SIGN_MODES)}, not {mode!r}")
-    return DKIMSigner(KeyFolder(folder, selector.lower()), context)
-
-
-factory = BuiltinFactory(
-    "dkim",
-    "Sign submitted mail with DKIM (RSA or Ed25519 keys per From: domain)",
-    make_policy,
-)
