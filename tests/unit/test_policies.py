@@ -3,6 +3,8 @@ timeouts on a fake clock."""
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from twisted.internet import defer, task
 
@@ -16,7 +18,7 @@ from twisted_mta.interfaces import (
     TransactionInfo,
     Verdict,
 )
-from twisted_mta.policies import BuiltinFactory
+from twisted_mta.policies import BuiltinFactory, from_elsewhere
 
 SESSION = session_info(Session("smtp", "192.0.2.7"))
 
@@ -197,3 +199,23 @@ def test_a_plugin_without_those_it_requires_before_it_stops_the_start(
     with pytest.raises(chains.PluginError) as raised:
         load(enabled, tmp_path)
     assert str(raised.value) == f"plugins.enabled: dmarc needs {missing} enabled before it"
+
+
+@pytest.mark.parametrize(
+    "listener, ip, user, expected",
+    [
+        ("smtp", "192.0.2.1", None, True),
+        ("smtp", "::ffff:192.0.2.1", None, True),
+        ("smtp", "10.1.2.3", None, False),
+        ("smtp", "::ffff:10.1.2.3", None, False),
+        ("smtp", "192.0.2.1", "alice@example.test", False),
+        ("submission", "192.0.2.1", None, False),
+        ("local", "127.0.0.1", "alice", False),
+        ("smtp", "unix-socket", None, False),
+    ],
+)
+def test_mail_from_elsewhere_is_what_the_authentication_checks_look_at(
+    listener, ip, user, expected
+):
+    session = session_info(Session(listener, ip, user=user))
+    assert from_elsewhere(session, [ipaddress.ip_network("10.0.0.0/8")]) is expected

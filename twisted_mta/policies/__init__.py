@@ -5,14 +5,21 @@ durations and the pure mail formats, as a third-party plugin would."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from twisted_mta.interfaces import IMailPolicyFactory, PolicyContext
+from twisted_mta.interfaces import (
+    IMailPolicyFactory,
+    Network,
+    PolicyContext,
+    SessionInfo,
+    address_in,
+    client_address,
+)
 
 
 @implementer(IPlugin, IMailPolicyFactory)
@@ -29,3 +36,14 @@ class BuiltinFactory:
 
     def policy(self, options: Mapping[str, Any], context: PolicyContext) -> Any:
         return self.make(options, context)
+
+
+def from_elsewhere(session: SessionInfo, trusted: Sequence[Network]) -> bool:
+    """Whether the session brings mail from another domain's servers, the
+    mail that SPF, DKIM and DMARC check: on the ``smtp`` listener, not
+    authenticated, from an address outside the trusted networks."""
+    if session.listener != "smtp" or session.user is not None:
+        return False
+    return client_address(session.client_ip) is not None and not address_in(
+        session.client_ip, trusted
+    )

@@ -44,8 +44,6 @@ from twisted_mta.interfaces import (
     SessionInfo,
     TransactionInfo,
     Verdict,
-    address_in,
-    client_address,
 )
 from twisted_mta.mail.dmarc import (
     NONE,
@@ -62,7 +60,7 @@ from twisted_mta.mail.dmarc import (
     parse_record,
     strictly_aligned_pass,
 )
-from twisted_mta.policies import BuiltinFactory
+from twisted_mta.policies import BuiltinFactory, from_elsewhere
 
 OPTIONS = ("enforce",)
 QUARANTINE_HEADER = "X-Quarantine"
@@ -139,7 +137,7 @@ class DMARCPolicy:
     def message(
         self, session: SessionInfo, transaction: TransactionInfo, message: MessageInfo
     ) -> defer.Deferred[Verdict] | Verdict | None:
-        if self._exempt(session):
+        if not from_elsewhere(session, self.trusted):
             return None
         domains = author_domains(message.headers.get_all("From") or [])
         if domains is None:
@@ -159,13 +157,6 @@ class DMARCPolicy:
             return Verdict.reject(550, "5.7.1", "Message refused: no usable From: address")
         unusable = AuthResult("dmarc", PERMERROR, reason="no usable From: address")
         return Verdict.proceed(results=[unusable])
-
-    def _exempt(self, session: SessionInfo) -> bool:
-        if session.listener != "smtp" or session.user is not None:
-            return True
-        if client_address(session.client_ip) is None:
-            return True
-        return address_in(session.client_ip, self.trusted)
 
     async def _judge(
         self, domain: str, spf: Identifier | None, dkim: list[Identifier]

@@ -37,11 +37,10 @@ from twisted_mta.interfaces import (
     SessionInfo,
     TransactionInfo,
     Verdict,
-    address_in,
     client_address,
 )
 from twisted_mta.mail.spf import FAIL, NONE, PASS, TEMPERROR, check_host
-from twisted_mta.policies import BuiltinFactory
+from twisted_mta.policies import BuiltinFactory, from_elsewhere
 
 OPTIONS = ("reject_fail", "temperror_defer")
 # Well under the default plugin timeout (10 s): a dead name server gives
@@ -123,7 +122,7 @@ class SPFPolicy:
     def mail_from(
         self, session: SessionInfo, sender: str, params: Mapping[str, str]
     ) -> defer.Deferred[Verdict | None] | None:
-        if self._exempt(session):
+        if not from_elsewhere(session, self.trusted):
             return None
         key = (session.client_ip, session.helo or "", sender)
         domain, checked_sender = identity(sender, session.helo)
@@ -136,7 +135,7 @@ class SPFPolicy:
     def message(
         self, session: SessionInfo, transaction: TransactionInfo, message: MessageInfo
     ) -> Verdict | None:
-        if self._exempt(session):
+        if not from_elsewhere(session, self.trusted):
             return None
         key = (session.client_ip, session.helo or "", transaction.sender)
         found = self._results.get(key)
@@ -149,13 +148,6 @@ class SPFPolicy:
     def result_for(self, session: SessionInfo, sender: str) -> Checked | None:
         """The remembered ``(result, explanation)`` for a sender of ``session``."""
         return self._results.get((session.client_ip, session.helo or "", sender))
-
-    def _exempt(self, session: SessionInfo) -> bool:
-        if session.listener != "smtp" or session.user is not None:
-            return True
-        if client_address(session.client_ip) is None:
-            return True
-        return address_in(session.client_ip, self.trusted)
 
     def _checked(self, checked: Checked, key: Key) -> Verdict | None:
         self._remember(key, checked)

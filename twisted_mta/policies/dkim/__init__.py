@@ -36,11 +36,9 @@ from twisted_mta.interfaces import (
     SessionInfo,
     TransactionInfo,
     Verdict,
-    address_in,
-    client_address,
 )
 from twisted_mta.mail.dkimkeys import valid_name
-from twisted_mta.policies import BuiltinFactory
+from twisted_mta.policies import BuiltinFactory, from_elsewhere
 from twisted_mta.policies.dkim.sign import KeyFolder, Signer
 from twisted_mta.policies.dkim.verify import Verifier
 
@@ -74,18 +72,11 @@ class DKIMPolicy:
     ) -> defer.Deferred[Verdict | None] | None:
         if session.user is not None or session.listener == "local":
             return self.signer.sign_message(transaction, message)
-        if self.verifier is None or self._exempt(session):
+        if self.verifier is None or not from_elsewhere(session, self.trusted):
             return None
         d = self.verifier.verify_message(message)
         d.addCallback(self._verified, transaction)
         return d
-
-    def _exempt(self, session: SessionInfo) -> bool:
-        if session.listener != "smtp" or session.user is not None:
-            return True
-        if client_address(session.client_ip) is None:
-            return True
-        return address_in(session.client_ip, self.trusted)
 
     def _verified(self, results: list[AuthResult], transaction: TransactionInfo) -> Verdict:
         for result in results:
