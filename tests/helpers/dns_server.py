@@ -2,15 +2,16 @@
 
 Serves the records of a JSON file ``{"name": [["MX", 10, "mx1.test"],
 ["A", "127.0.0.2"], ["AAAA", "::1"], ["CNAME", "other.test"],
-["TXT", "first string", "second string"]], ...}``
-authoritatively over UDP and TCP on 127.0.0.1, on a free port it prints
-as ``port N`` once it listens.  Names not in the file are NXDOMAIN.
+["TXT", "first string", "second string"]], "broken.test": [["SERVFAIL"]],
+...}`` authoritatively over UDP and TCP on 127.0.0.1, on a free port it
+prints as ``port N`` once it listens.  Names not in the file are
+NXDOMAIN; a name with ``SERVFAIL`` answers every query with that error.
 """
 
 import json
 import sys
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.error import CannotListenError
 from twisted.names import authority, dns, server
 
@@ -29,10 +30,22 @@ class Zones(authority.FileAuthority):
     def __init__(self, zones):
         authority.FileAuthority.__init__(self, None)
         self.soa = (b"test", dns.Record_SOA(mname="ns.test", rname="root.test", ttl=60))
+        self.failing = {
+            name.lower().encode()
+            for name, entries in zones.items()
+            if ["SERVFAIL"] in entries
+        }
         self.records = {
             name.lower().encode(): [BUILDERS[kind](60, *args) for kind, *args in entries]
             for name, entries in zones.items()
+            if name.lower().encode() not in self.failing
         }
+
+    def _lookup(self, name, cls, type, timeout=None):
+        if name.lower() in self.failing:
+            # Not a DomainError: the server factory answers SERVFAIL.
+            return defer.fail(RuntimeError(f"{name!r} is set to fail"))
+        return authority.FileAuthority._lookup(self, name, cls, type, timeout)
 
     def loadFile(self, filename):
         """Records come from the constructor."""
