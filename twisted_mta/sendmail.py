@@ -8,7 +8,8 @@ starts.  Understands the flags programs pass to sendmail::
     -i, -oi       a line with a single "." does not end the message
     -f ADDR       envelope sender (also -r); "<>" is the null sender
     -F NAME       display name of the From: header added when there is none
-    -C FILE       the config file (else $TWISTED_MTA_CONFIG, else the defaults)
+    -C FILE       the config file (else $TWISTED_MTA_CONFIG, else
+                  /etc/twisted-mta/mta.toml if it exists, else the defaults)
 
 and ignores the harmless rest (``-odi -oem -v -bm -B 8BITMIME -N -R -V``...).
 Without ``-f`` the sender is ``<login name>@<hostname>``; bare names

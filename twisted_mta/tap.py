@@ -17,7 +17,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     synopsis = "[--config FILE] [--auth CHECKER ...]"
     longdesc = (
         "Run the twisted-mta mail server.  The config is --config FILE, else "
-        "$TWISTED_MTA_CONFIG, else the embedded defaults (127.0.0.1 only)."
+        "$TWISTED_MTA_CONFIG, else /etc/twisted-mta/mta.toml if it exists, else "
+        "the embedded defaults (127.0.0.1 only)."
     )
     optParameters = [
         ["config", "c", None, "the TOML config file"],

@@ -57,13 +57,24 @@ def error_for(folder: Path, text: str) -> str:
 # -- Finding the config -----------------------------------------------------
 
 
-def test_no_path_and_no_environment_gives_defaults() -> None:
-    assert find_config_path(None, {}) is None
-    assert load_config(None, environ={}).source is None
+def test_no_path_no_environment_and_no_system_file_gives_defaults(tmp_path: Path) -> None:
+    absent = tmp_path / "etc" / "mta.toml"
+    assert find_config_path(None, {}, absent) is None
+    assert load_config(None, environ={}, system=absent).source is None
 
 
-def test_empty_environment_variable_gives_defaults() -> None:
-    assert find_config_path(None, {"TWISTED_MTA_CONFIG": ""}) is None
+def test_empty_environment_variable_gives_defaults(tmp_path: Path) -> None:
+    assert find_config_path(None, {"TWISTED_MTA_CONFIG": ""}, tmp_path / "absent") is None
+
+
+def test_the_system_file_is_used_when_it_exists(tmp_path: Path) -> None:
+    system = write_config(tmp_path, 'hostname = "system.example.test"\n')
+    assert find_config_path(None, {}, system) == system
+    assert find_config_path(None, {"TWISTED_MTA_CONFIG": ""}, system) == system
+    assert load_config(None, environ={}, system=system).hostname == "system.example.test"
+    environ = {"TWISTED_MTA_CONFIG": str(tmp_path / "env.toml")}
+    assert find_config_path(None, environ, system) == tmp_path / "env.toml"
+    assert find_config_path("given.toml", {}, system) == Path.cwd() / "given.toml"
 
 
 def test_environment_variable_names_the_config(tmp_path: Path) -> None:

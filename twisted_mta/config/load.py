@@ -17,22 +17,27 @@ from twisted_mta.config.schema import Config, Setting, sections, settings, subta
 from twisted_mta.config.values import ParseContext, expected, reason
 
 ENVIRONMENT_VARIABLE = "TWISTED_MTA_CONFIG"
+SYSTEM_CONFIG = Path("/etc/twisted-mta/mta.toml")
 DEFAULTS_LABEL = "(defaults)"
 
 
 def find_config_path(
     path: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] = os.environ,
+    system: Path = SYSTEM_CONFIG,
 ) -> Path | None:
     """Return the config file to use (absolute), or None for the defaults.
 
     An explicit *path* wins, then ``TWISTED_MTA_CONFIG`` when set and not
-    empty.
+    empty, then the system-wide *system* file when it exists: a sendmail
+    run by cron, with neither, finds the server's config.
     """
     chosen = path if path is not None else environ.get(ENVIRONMENT_VARIABLE)
-    if not chosen:
-        return None
-    return Path(os.path.abspath(chosen))
+    if chosen:
+        return Path(os.path.abspath(chosen))
+    if system.exists():
+        return system
+    return None
 
 
 def load_config(
@@ -40,6 +45,7 @@ def load_config(
     environ: Mapping[str, str] = os.environ,
     *,
     check_files: bool = True,
+    system: Path = SYSTEM_CONFIG,
 ) -> Config:
     """Load and check the config that :func:`find_config_path` picks.
 
@@ -47,7 +53,7 @@ def load_config(
     TLS, smart host password and CA) are not opened, for commands run by
     users who may not read them, such as sendmail.
     """
-    source = find_config_path(path, environ)
+    source = find_config_path(path, environ, system)
     if source is None:
         return default_config()
     return _build(_read_toml(source), source, check_files)
