@@ -27,6 +27,7 @@ from twisted.internet.error import CannotListenError
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import log
 
+from twisted_mta import systemd
 from twisted_mta.auth.checker import FirstMatch, UsersFileChecker, cram_md5_warning
 from twisted_mta.auth.mechanisms import challengers
 from twisted_mta.auth.throttle import AuthThrottle
@@ -70,7 +71,14 @@ class ListenerService(service.Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        endpoint = serverFromString(reactor, self.description)
+        try:
+            endpoint = serverFromString(reactor, self.description)
+        except (KeyError, IndexError) as missing:
+            # A systemd: endpoint whose socket systemd did not pass.
+            raise SystemExit(
+                f"twistd mta: cannot listen on {self.description}: no socket {missing}"
+                " was passed by systemd (socket activation)"
+            ) from None
         result: list = []
         endpoint.listen(self.factory).addBoth(result.append)
         outcome = result[0] if result else None
@@ -209,6 +217,8 @@ class MTAService(service.MultiService):
         self._handle_signals()
         for listener in self.listeners:
             listener.announce()
+        count = len(list(self.listeners))
+        _tell_systemd(systemd.READY, systemd.status(f"serving on {count} listener(s)"))
 
     def _handle_signals(self) -> None:
         """Ours replace the reactor's, installed as it started."""
@@ -226,6 +236,7 @@ class MTAService(service.MultiService):
 
     def _terminate(self) -> None:
         log.msg("SIGTERM: shutting down")
+        _tell_systemd(systemd.STOPPING, systemd.status("draining sessions"))
         reactor.stop()
 
     # -- SIGHUP ------------------------------------------------------------------
@@ -233,6 +244,13 @@ class MTAService(service.MultiService):
     def reload(self) -> None:
         """Re-read the config and the files it names; keep the running
         config if anything in it does not validate."""
+        _tell_systemd(systemd.RELOADING)
+        try:
+            self._reload()
+        finally:
+            _tell_systemd(systemd.READY)
+
+    def _reload(self) -> None:
         try:
             config = load_config(self.config.source, {})
             certificate = _load_certificate(config)
@@ -320,6 +338,13 @@ def build_service(config: Config, checkers: Sequence = ()) -> MTAService:
         return MTAService(config, checkers)
     except PluginError as error:
         raise SystemExit(f"twistd mta: {error}") from None
+
+
+def _tell_systemd(*states: str) -> None:
+    try:
+        systemd.notify(*states)
+    except OSError as error:
+        log.msg(f"systemd: cannot notify $NOTIFY_SOCKET: {error.strerror or error}")
 
 
 def _recheck(config: Config) -> Config:

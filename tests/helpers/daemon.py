@@ -65,11 +65,15 @@ class Daemon:
         return self.root / "var"
 
     def start(
-        self, extra_args: tuple[str, ...] = (), twistd_args: tuple[str, ...] = ()
+        self,
+        extra_args: tuple[str, ...] = (),
+        twistd_args: tuple[str, ...] = (),
+        launcher: tuple[str, ...] = (),
     ) -> "Daemon":
-        """Start ``twistd [twistd_args] mta --config FILE [extra_args]``."""
+        """Start ``[launcher] twistd [twistd_args] mta --config FILE [extra_args]``."""
         self.ports = {}
         command = [
+            *launcher,
             TWISTD, "-n", "--pidfile=", *twistd_args, "mta", "--config", str(self.config), *extra_args
         ]
         self.process = subprocess.Popen(

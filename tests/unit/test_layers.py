@@ -22,6 +22,7 @@ LAYERS = {
     "twisted_mta.watch": 0,
     "twisted_mta.interfaces": 0,
     "twisted_mta.durations": 0,
+    "twisted_mta.systemd": 0,
     "twisted_mta.storage": 1,
     "twisted_mta.policies": 1,
     "twisted_mta.maillog": 1,

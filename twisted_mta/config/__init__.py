@@ -2,8 +2,9 @@
 
 Every command finds its config the same way: an explicit path, else the
 environment variable ``TWISTED_MTA_CONFIG``, else ``/etc/twisted-mta/mta.toml``
-when it exists, else the embedded defaults (see :func:`find_config_path`).  :func:`load_config` returns a frozen
-:class:`Config` with every value checked and every path absolute, or raises
+when it exists, else the embedded defaults (see :func:`find_config_path`).
+:func:`load_config` returns a frozen :class:`Config` with every value
+checked and every path absolute, or raises
 :class:`ConfigError`, whose message is one line naming the config file and
 the dotted key at fault.  :func:`dump_config` writes a config back as TOML.
 

@@ -5,6 +5,7 @@ no two listeners would bind the same port.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,13 +38,32 @@ def _check_endpoint(description: str, key: str) -> None:
             " from any source; use [proxy] listeners and trusted instead",
         )
     try:
-        serverFromString(reactor, description)
+        if _split_endpoint(description)[0][0].lower() == "systemd":
+            _check_systemd(description)
+        else:
+            serverFromString(reactor, description)
         _endpoint_address(description)
     except Exception as error:  # any complaint from any endpoint parser
         problem = str(error) or type(error).__name__
         raise ConfigValueError(
             key, f"bad endpoint {description!r}: {problem}"
         ) from None
+
+
+def _check_systemd(description: str) -> None:
+    """A ``systemd:`` endpoint names a socket systemd passes at start
+    (socket activation), which does not exist when the config is checked:
+    only its form is, as Twisted's parser would read it."""
+    positional, keywords = _split_endpoint(description)
+    unknown = set(keywords) - {"domain", "index", "name"} or positional[1:]
+    if unknown:
+        raise ValueError(f"unknown argument {sorted(unknown)[0]!r}")
+    if not hasattr(socket, f"AF_{keywords.get('domain', '')}"):
+        raise ValueError("domain= must be an address family such as INET or INET6")
+    if ("index" in keywords) == ("name" in keywords):
+        raise ValueError("give exactly one of index= and name=")
+    if not keywords.get("index", "0").isdigit() or keywords.get("name") == "":
+        raise ValueError("index= is a number, name= a FileDescriptorName")
 
 
 def check_duplicate_ports(listeners: Mapping[str, Sequence[str]]) -> None:
