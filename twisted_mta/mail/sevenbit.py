@@ -44,6 +44,7 @@ _EIGHT_BIT = re.compile(rb"[\x80-\xff]")
 _FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
 _IDENTITY = ("", "7bit", "8bit")
 _CTE = b"content-transfer-encoding"
+_SIGNED = "the message is DKIM-signed, and converting it to 7-bit would break the signature"
 
 
 class Unconvertible(ValueError):
@@ -68,12 +69,12 @@ class _Converter:
     def message(self, data: bytes) -> bytes:
         entity = _Entity.split(data)
         if entity.fields.get("dkim-signature") is not None:
-            raise SignedMessage("converting a DKIM-signed message would break its signature")
+            raise SignedMessage(_SIGNED)
         return self._entity(entity, "text/plain", top=True)
 
     def _entity(self, entity: _Entity, default_type: str, top: bool = False) -> bytes:
         if not self._eight_bit_headers and _EIGHT_BIT.search(entity.head):
-            raise Unconvertible("8-bit bytes in a header field cannot be made 7-bit")
+            raise Unconvertible("8-bit bytes in a header field cannot be converted")
         entity.fields.set_default_type(default_type)
         content_type = entity.fields.get_content_type()
         encoding = str(entity.fields.get("content-transfer-encoding", "")).strip().lower()

@@ -83,7 +83,8 @@ class Outgoing:
 
     ``size`` is what SIZE= declares; ``eight_bit`` asks for BODY=8BITMIME,
     ``smtputf8`` for SMTPUTF8 (also implied by a non-ASCII address);
-    ``prefix`` is header lines sent before the file (a policy's signature).
+    ``prefix`` is header lines sent before the file (a policy's signature);
+    ``queue_id`` names the message in log lines.
     """
 
     sender: str
@@ -93,6 +94,7 @@ class Outgoing:
     eight_bit: bool = False
     smtputf8: bool = False
     prefix: bytes = b""
+    queue_id: str = ""
 
 
 @dataclass(frozen=True)
