@@ -68,7 +68,8 @@ class Timeouts:
     ``command`` covers each reply outside the body (the greeting, EHLO,
     STARTTLS and its handshake, AUTH, MAIL, RCPT, DATA, RSET, QUIT),
     ``data_block`` each write of the body, ``data_end`` the reply to the
-    final dot.
+    final dot.  ``[relay]`` sets ``connect``, ``command`` and ``data_end``
+    (``connect_timeout``, ``command_timeout``, ``data_timeout``).
     """
 
     connect: float = 30.0
