@@ -901,9 +901,11 @@ def test_open_session_failure_carries_a_status(run, reactor, capture) -> None:
     assert raised.value.remote == f"mx.test[127.0.0.1]:{server.port}"
 
 
-def test_missing_queue_file_is_temporary(tmp_path, relay, capture) -> None:
-    server = capture()
-    outgoing = Outgoing("a@origin.test", ("b@dest.test",), tmp_path / "gone.msg", 10)
+@pytest.mark.parametrize("eight_bit", [False, True])
+def test_missing_queue_file_is_temporary(tmp_path, relay, capture, threads, eight_bit) -> None:
+    server = capture(eightbitmime=False)
+    path = tmp_path / "gone.msg"
+    outgoing = Outgoing("a@origin.test", ("b@dest.test",), path, 10, eight_bit=eight_bit)
     verdict = only(relay(target(server), outgoing))
     assert (verdict.status, verdict.permanent) == ("4.3.0", False)
     assert "MAIL" not in server.sessions[0].verbs()
