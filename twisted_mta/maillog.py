@@ -144,6 +144,15 @@ def delivery(
     )
 
 
+def converted(queue_id: str, relay: str) -> None:
+    """An 8-bit message goes quoted-printable to a host without 8BITMIME."""
+    _emit(
+        f"id={queue_id} converted to quoted-printable for {relay}",
+        queue_id=queue_id,
+        relay=relay,
+    )
+
+
 def no_notification(queue_id: str) -> None:
     """A failure that cannot be reported: the sender is null."""
     _emit(f"id={queue_id} no notification: the sender is null", queue_id=queue_id)

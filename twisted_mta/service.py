@@ -42,6 +42,7 @@ from twisted_mta.queue.bounces import dsn_reporter
 from twisted_mta.queue.flush import FlushListener
 from twisted_mta.queue.scheduler import Policy, Scheduler
 from twisted_mta.queue.store import QueueStore
+from twisted_mta.relay.outgoing import Timeouts
 from twisted_mta.relay.router import Router, RouterSettings, SmartHost, make_resolver
 from twisted_mta.smtp.factory import MTAFactory
 from twisted_mta.smtp.limits import ConnectionLimits, ServerSettings, Sessions
@@ -139,7 +140,14 @@ class MTAService(service.MultiService):
         self.maildrop.setServiceParent(self.queue)
         relay_settings = _router_settings(config)
         resolver = make_resolver(relay_settings.resolvers)
-        self.router = Router(reactor, resolver, config.hostname, relay_settings, self.store)
+        self.router = Router(
+            reactor,
+            resolver,
+            config.hostname,
+            relay_settings,
+            self.store,
+            timeouts=relay_timeouts(config),
+        )
         self.router.policies = intake.system.policies
         self.router.setServiceParent(self.queue)
         self.scheduler = Scheduler(
@@ -454,6 +462,17 @@ def _router_settings(config: Config) -> RouterSettings:
         smarthost=smarthost,
         mx_port=relay.mx_port,
         resolvers=tuple(parse_hostport(entry, 53) for entry in relay.resolvers),
+    )
+
+
+def relay_timeouts(config: Config) -> Timeouts:
+    """The relay client's timeouts from ``[relay]``; a body block keeps its
+    RFC 5321 three minutes, which only a stalled link reaches."""
+    relay = config.relay
+    return Timeouts(
+        connect=relay.connect_timeout,
+        command=relay.command_timeout,
+        data_end=relay.data_timeout,
     )
 
 

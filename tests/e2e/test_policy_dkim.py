@@ -17,7 +17,14 @@ import pytest
 from tests.helpers.accounts import ALIASES, USERS
 from tests.helpers.capture import Behaviour, CaptureServer
 from tests.helpers.daemon import Daemon, make_daemon
-from tests.helpers.relay_fixtures import CLI, relay_config, submit, wait_attempt
+from tests.helpers.relay_fixtures import (
+    CLI,
+    relay_config,
+    single_dsn,
+    submit,
+    wait_attempt,
+    wait_notification,
+)
 
 ALICE = ("alice@example.test", "alice-secret")
 SELECTOR = {"rsa": "mta", "ed25519": "ed"}
@@ -102,6 +109,36 @@ def test_submitted_mail_leaves_signed_and_verifies(tmp_path, kind):
             assert OPENDKIM, "opendkim is not installed (apt-get install opendkim)"
             verdict = opendkim_verdict(tmp_path, record, message)
             assert "dkim=pass" in verdict and "succeeded" in verdict, verdict
+        finally:
+            daemon.stop()
+
+
+def test_signed_8bit_mail_to_a_host_without_8bitmime_bounces_unconverted(tmp_path):
+    """Converting to quoted-printable would break the signature: 5.6.3."""
+    with CaptureServer(Behaviour(eightbitmime=False), host="127.0.0.2") as server:
+        daemon = daemon_for(tmp_path, server, "mta")
+        keygen(daemon, "rsa")
+        daemon.start()
+        try:
+            sent = (
+                b"From: <alice@example.test>\r\nTo: <far@remote.example>\r\n"
+                b"Subject: signed\r\n\r\ncaf\xc3\xa9\r\n"
+            )
+            recipient = "far@remote.example"
+            options = ["BODY=8BITMIME"]
+            queue_id = submit(
+                daemon, "alice@example.test", [recipient], sent, login=ALICE, mail_options=options
+            )
+            line = wait_attempt(daemon, queue_id, recipient, "bounced")
+            assert "(5.6.3 8BITMIME is required, but was not offered by host" in line
+            assert "DKIM-signed" in line
+            wait_notification(daemon, queue_id)
+            dsn = single_dsn(daemon, "example.test", "alice", queue_id)
+            assert dsn.recipient(recipient)["Status"] == "5.6.3"
+            explanation = list(dsn.message.iter_parts())[0].get_content()
+            assert "DKIM-signed, and converting it to 7-bit would break" in explanation
+            assert "MAIL" not in server.sessions[0].verbs()
+            assert "converted to quoted-printable" not in "\n".join(daemon.log)
         finally:
             daemon.stop()
 

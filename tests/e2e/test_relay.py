@@ -9,6 +9,8 @@ seconds; every wait is on a log line, a file or a capture server's records.
 
 from __future__ import annotations
 
+import email
+import email.policy
 import itertools
 import json
 import os
@@ -258,13 +260,15 @@ def test_address_literal_recipient_goes_to_that_address(world):
 
 @pytest.mark.parametrize(
     "case, status",
-    [("eight-bit", "5.6.3"), ("too-big", "5.3.4")],
+    [("signed-eight-bit", "5.6.3"), ("too-big", "5.3.4")],
 )
 def test_what_the_mx_cannot_take_bounces_without_being_sent(world, case, status):
     daemon = world.daemon
     recipient = f"{marker(case)}@limited.test"
-    if case == "eight-bit":
-        sent, options = message(recipient, body="caf\u00e9\n"), ["BODY=8BITMIME"]
+    if case == "signed-eight-bit":
+        signature = b"DKIM-Signature: v=1; a=rsa-sha256; d=example.test; s=mta\r\n"
+        sent = signature + message(recipient, body="caf\u00e9\n")
+        options = ["BODY=8BITMIME"]
     else:
         sent, options = message(recipient, body=("y" * 70 + "\n") * 80), []
     queue_id = submit(daemon, SENDER, [recipient], sent, mail_options=options)
@@ -275,6 +279,38 @@ def test_what_the_mx_cannot_take_bounces_without_being_sent(world, case, status)
     assert dsn.recipient(recipient)["Status"] == status
     assert not world.captures.sessions_for(recipient)
     assert "MAIL" not in [v for s in world.mx(LIMITED_MX).sessions for v in s.verbs()]
+    if case == "signed-eight-bit":
+        assert "DKIM-signed" in line and "8BITMIME is required" in line
+
+
+def test_eight_bit_mail_goes_quoted_printable_to_an_mx_without_8bitmime(world):
+    daemon = world.daemon
+    recipient = f"{marker('qp')}@limited.test"
+    text = "Gr\u00fc\u00dfe aus K\u00f6ln, " + "\u00e9" * 40 + "\n.\u00e9\n"
+    body = text.encode()
+    sent = (
+        f"From: <{SENDER}>\nTo: <{recipient}>\nSubject: qp\nMIME-Version: 1.0\n"
+        "Content-Type: multipart/mixed; boundary=b\n\n--b\n"
+        "Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n"
+    ).encode() + body + b"--b--\n"
+    queue_id = submit(
+        daemon, SENDER, [recipient], sent.replace(b"\n", b"\r\n"), mail_options=["BODY=8BITMIME"]
+    )
+    wait_attempt(daemon, queue_id, recipient, "sent")
+    port = world.captures.port
+    daemon.wait_for_log(
+        rf"id={queue_id} converted to quoted-printable for limited\.test\[{LIMITED_MX}\]:{port}"
+    )
+    transaction = delivered_once(world.captures.transactions_for(recipient))
+    assert not [p for p in transaction.parameters if p.startswith("BODY")]
+    relayed = transaction.message
+    assert relayed.isascii()
+    parsed = email.message_from_bytes(relayed, policy=email.policy.default)
+    [part] = list(parsed.iter_parts())
+    assert part["Content-Transfer-Encoding"] == "quoted-printable"
+    assert part.get_payload(decode=True) == body.rstrip(b"\n")  # the last LF is the delimiter's
+    top, _, _ = sent.partition(b"--b\n")
+    assert relayed.endswith(b"\n--b--\n") and top in relayed  # headers byte for byte
 
 
 def test_internationalised_recipient_is_relayed_with_smtputf8(world):

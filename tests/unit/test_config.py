@@ -160,6 +160,8 @@ def test_embedded_relay_queue_and_limit_defaults() -> None:
     assert config.relay.ca_file is None
     assert config.relay.resolvers == ()
     assert config.relay.mx_port == 25
+    relay = config.relay
+    assert (relay.connect_timeout, relay.command_timeout, relay.data_timeout) == (30, 300, 600)
     assert (config.queue.retry_min, config.queue.retry_max) == (300, 3600)
     assert config.queue.lifetime == 5 * 86400
     assert config.queue.delay_warning == 0
@@ -380,6 +382,16 @@ def test_durations_and_sizes_in_a_file(tmp_path: Path) -> None:
          "relay.mx_port: expected a port 1-65535, got 65536"),
         ("[relay]\nmx_port = '25'\n",
          "relay.mx_port: expected an integer, got '25'"),
+        ("[relay]\nconnect_timeout = 'soon'\n",
+         "relay.connect_timeout: expected seconds or a duration like \"5m\","
+         " got 'soon'"),
+        ("[relay]\ncommand_timeout = 0\n",
+         "relay.command_timeout: expected a duration of more than 0, got 0"),
+        ("[relay]\ndata_timeout = '-1m'\n",
+         "relay.data_timeout: expected seconds or a duration like \"5m\","
+         " got '-1m'"),
+        ("[relay]\ndata_timeout = -60\n",
+         "relay.data_timeout: expected a finite duration of 0 or more, got -60"),
         ("[relay]\nnetworks = ['10.0.0.0/8', '10.0.0.0/33']\n",
          "relay.networks: not a network: '10.0.0.0/33'"),
         ("[relay]\nnetworks = ['example.test']\n",
@@ -756,6 +768,7 @@ def test_dump_of_a_full_config_round_trips(tmp_path: Path) -> None:
         'smarthost_user = "us\\"er\\\\ \\u00e9\\t"\n'
         'smarthost_password_file = "pw"\nca_file = "ca"\n'
         'resolvers = ["192.0.2.53:5353"]\nmx_port = 2525\n'
+        'connect_timeout = "10s"\ncommand_timeout = 90\ndata_timeout = "20m"\n'
         '[queue]\nretry_min = "1.5s"\nretry_max = "1h"\nlifetime = "2d"\n'
         'delay_warning = "4h"\n'
         '[limits]\nmax_message_size = "1G"\nmax_recipients = 5\n'

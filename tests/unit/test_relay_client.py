@@ -307,12 +307,88 @@ def test_size_is_declared_when_offered(tmp_path, relay, capture) -> None:
     assert f"SIZE={len(SIMPLE)}" in server.sessions[0].commands[1].line
 
 
-def test_eight_bit_without_8bitmime_fails_without_sending(tmp_path, relay, capture) -> None:
+@pytest.fixture
+def threads(reactor: SelectReactor) -> Iterator[None]:
+    """The reactor's thread pool, which only a running reactor starts."""
+    pool = reactor.getThreadPool()
+    pool.start()
+    yield
+    pool.stop()
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    lines: list[str] = []
+
+    def observe(event: dict) -> None:
+        if "line" in event:
+            lines.append(event["line"])
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+EIGHT_BIT = b"Subject: caf\n\ncaf\xc3\xa9 " + b"x" * 100 + b"\n"
+
+
+def test_eight_bit_without_8bitmime_goes_quoted_printable(
+    tmp_path, relay, capture, threads, log_lines
+) -> None:
+    server = capture(eightbitmime=False, size=10_000)
+    outgoing = message(
+        tmp_path, EIGHT_BIT, eight_bit=True, prefix=b"X-Added: at the attempt\n", queue_id="Q1"
+    )
+    result = relay(target(server), outgoing)
+    assert_delivered(result)
+    [transaction] = server.transactions
+    expected = (
+        b"X-Added: at the attempt\nSubject: caf\n"
+        b"Content-Transfer-Encoding: quoted-printable\nMIME-Version: 1.0\n\n"
+        b"caf=C3=A9 " + b"x" * 65 + b"=\n" + b"x" * 35 + b"\n"
+    )
+    assert transaction.message == expected
+    assert transaction.parameters == (f"SIZE={len(expected)}",)  # no BODY=8BITMIME
+    assert outgoing.path.read_bytes() == EIGHT_BIT
+    assert f"id=Q1 converted to quoted-printable for {result.remote}" in log_lines
+    assert_clean_wire(server.sessions[0])
+
+
+def test_the_7bit_copy_is_held_to_the_size_limit(tmp_path, relay, capture, threads) -> None:
+    body = b"\n" + b"\xe9" * 1000 + b"\n"
+    server = capture(eightbitmime=False, size=2000)  # the copy is three times as big
+    verdict = only(relay(target(server), message(tmp_path, body, eight_bit=True)))
+    assert verdict.permanent and verdict.status == "5.3.4"
+    assert "MAIL" not in server.sessions[0].verbs()
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"DKIM-Signature: v=1; d=origin.test\n" + EIGHT_BIT, "DKIM-signed"),
+        (b"Subject: caf\xc3\xa9\n\nbody\n", "8-bit bytes in a header field"),
+    ],
+)
+def test_eight_bit_that_cannot_be_converted_fails_without_sending(
+    tmp_path, relay, capture, threads, body, reason
+) -> None:
     server = capture(eightbitmime=False)
-    outgoing = message(tmp_path, b"caf\xc3\xa9\n", eight_bit=True)
+    outgoing = message(tmp_path, body, eight_bit=True)
     verdict = only(relay(target(server), outgoing))
     assert verdict.permanent and verdict.status == "5.6.3"
+    assert verdict.text.startswith("8BITMIME is required, but was not offered by host ")
+    assert reason in verdict.text
     assert "MAIL" not in server.sessions[0].verbs()
+
+
+def test_eight_bit_headers_go_with_smtputf8(tmp_path, relay, capture, threads) -> None:
+    server = capture(eightbitmime=False)
+    body = b"Subject: caf\xc3\xa9\n\ncaf\xc3\xa9\n"
+    assert_delivered(relay(target(server), message(tmp_path, body, eight_bit=True, smtputf8=True)))
+    [transaction] = server.transactions
+    assert transaction.parameters == ("SMTPUTF8",)
+    assert transaction.message.startswith(b"Subject: caf\xc3\xa9\n")
+    assert transaction.message.endswith(b"\n\ncaf=C3=A9\n")
 
 
 @pytest.mark.parametrize(
@@ -825,9 +901,11 @@ def test_open_session_failure_carries_a_status(run, reactor, capture) -> None:
     assert raised.value.remote == f"mx.test[127.0.0.1]:{server.port}"
 
 
-def test_missing_queue_file_is_temporary(tmp_path, relay, capture) -> None:
-    server = capture()
-    outgoing = Outgoing("a@origin.test", ("b@dest.test",), tmp_path / "gone.msg", 10)
+@pytest.mark.parametrize("eight_bit", [False, True])
+def test_missing_queue_file_is_temporary(tmp_path, relay, capture, threads, eight_bit) -> None:
+    server = capture(eightbitmime=False)
+    path = tmp_path / "gone.msg"
+    outgoing = Outgoing("a@origin.test", ("b@dest.test",), path, 10, eight_bit=eight_bit)
     verdict = only(relay(target(server), outgoing))
     assert (verdict.status, verdict.permanent) == ("4.3.0", False)
     assert "MAIL" not in server.sessions[0].verbs()

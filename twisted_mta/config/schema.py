@@ -267,6 +267,25 @@ class RelayConfig:
         ' ("[v6]:port").',
     )
     mx_port: int = setting(25, values.port_number, "Port used on MX hosts.")
+    connect_timeout: float = setting(
+        "30s",
+        values.positive_duration,
+        "How long a TCP connection to a relay host (MX or smart host) may"
+        " take to open.",
+    )
+    command_timeout: float = setting(
+        "5m",
+        values.positive_duration,
+        "How long to wait for each reply of a relay host outside the message"
+        " body: the greeting, EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA"
+        " (RFC 5321 4.5.3.2).",
+    )
+    data_timeout: float = setting(
+        "10m",
+        values.positive_duration,
+        "How long to wait for a relay host's reply to the final dot of a"
+        " message (RFC 5321 4.5.3.2.6).",
+    )
 
 
 _RETRY = (

@@ -68,7 +68,8 @@ class Timeouts:
     ``command`` covers each reply outside the body (the greeting, EHLO,
     STARTTLS and its handshake, AUTH, MAIL, RCPT, DATA, RSET, QUIT),
     ``data_block`` each write of the body, ``data_end`` the reply to the
-    final dot.
+    final dot.  ``[relay]`` sets ``connect``, ``command`` and ``data_end``
+    (``connect_timeout``, ``command_timeout``, ``data_timeout``).
     """
 
     connect: float = 30.0
@@ -83,7 +84,8 @@ class Outgoing:
 
     ``size`` is what SIZE= declares; ``eight_bit`` asks for BODY=8BITMIME,
     ``smtputf8`` for SMTPUTF8 (also implied by a non-ASCII address);
-    ``prefix`` is header lines sent before the file (a policy's signature).
+    ``prefix`` is header lines sent before the file (a policy's signature);
+    ``queue_id`` names the message in log lines.
     """
 
     sender: str
@@ -93,6 +95,7 @@ class Outgoing:
     eight_bit: bool = False
     smtputf8: bool = False
     prefix: bytes = b""
+    queue_id: str = ""
 
 
 @dataclass(frozen=True)

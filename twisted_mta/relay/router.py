@@ -145,6 +145,7 @@ class Router(service.Service):
             eight_bit=message.body == "8BITMIME",
             smtputf8=message.smtputf8,
             prefix=prefix,
+            queue_id=message.id,
         )
         key = self.destination(addresses[0])
         cached = self._checkout(key)

@@ -49,9 +49,13 @@ Rules
   STARTTLS continues in clear; a failed handshake is retried once on the
   same address without TLS.
 * Before MAIL: the message's size against the server's SIZE (``5.3.4``);
-  8-bit content needs 8BITMIME (``5.6.3``); an internationalised message
-  needs SMTPUTF8 (``5.6.7`` for non-ASCII addresses, else ``5.6.9``).
-  Nothing is sent then and nothing is converted.
+  an internationalised message needs SMTPUTF8 (``5.6.7`` for non-ASCII
+  addresses, else ``5.6.9``).  Nothing is sent then.
+* 8-bit content to a server without 8BITMIME goes as a quoted-printable
+  copy (:mod:`twisted_mta.relay.sevenbit`, RFC 6152), as Postfix does;
+  its size is checked again.  A DKIM-signed message, or one with 8-bit
+  header fields (unless it goes with SMTPUTF8), cannot be converted and
+  fails with ``5.6.3``, before MAIL.
 * With PIPELINING, MAIL, every RCPT and DATA go in one write (RFC 2920).
 * Per recipient: its RCPT reply if that was not 2xx, else the reply to
   DATA or to the final dot.  A connection lost or a timeout leaves every
@@ -61,14 +65,18 @@ Rules
 from __future__ import annotations
 
 import base64
+import os
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IReactorTCP
+from twisted.internet.interfaces import IReactorTCP, IReactorThreads
 
+from twisted_mta import maillog
+from twisted_mta.mail.sevenbit import Unconvertible
 from twisted_mta.relay.body import Prefixed
 from twisted_mta.relay.connect import (
     connect_tcp,
@@ -88,6 +96,7 @@ from twisted_mta.relay.outgoing import (
     permanent,
     temporary,
 )
+from twisted_mta.relay.sevenbit import seven_bit_copy
 from twisted_mta.relay.wire import SENDING_BODY, ConnectionFactory, LinkError, Reply, SMTPConnection
 
 _AFTER_BODY = "sending end of data -- message may be sent more than once"
@@ -158,7 +167,7 @@ async def _open_at(
     except CancelledError:
         await connection.abort()
         raise
-    return RelaySession(connection, remote, features)
+    return RelaySession(reactor, connection, remote, features)
 
 
 class _Opening:
@@ -251,7 +260,14 @@ class _Opening:
 class RelaySession:
     """An open, greeted (and maybe encrypted and authenticated) connection."""
 
-    def __init__(self, connection: SMTPConnection, remote: str, features: dict[str, str]) -> None:
+    def __init__(
+        self,
+        reactor: IReactorThreads,
+        connection: SMTPConnection,
+        remote: str,
+        features: dict[str, str],
+    ) -> None:
+        self._reactor = reactor
         self._connection = connection
         self._features = features
         self._busy = False
@@ -304,7 +320,8 @@ class RelaySession:
         transaction.refuse_bad_addresses()
         if not transaction.sendable:
             return
-        with _open_queue_file(outgoing.path) as file:
+        outgoing, file = await self._prepared(outgoing)
+        with file:
             if self._used:
                 await self._reset(transaction)
             self._used = True
@@ -315,19 +332,46 @@ class RelaySession:
                 transaction.decide_accepted(reply, "end of DATA")
 
     def _check_extensions(self, outgoing: Outgoing) -> None:
-        """Refuse, before MAIL, what this server cannot take unchanged."""
-        remote = self.remote
-        limit = self._features.get("SIZE", "")
-        if limit.isdigit() and 0 < int(limit) < outgoing.size:
-            text = f"message size {outgoing.size} exceeds size limit {limit} of server {remote}"
-            raise permanent("5.3.4", text, remote)
+        """Refuse, before MAIL, what this server cannot take."""
+        self._check_size(outgoing)
         if self._needs_smtputf8(outgoing) and "SMTPUTF8" not in self._features:
             status = "5.6.7" if not _all_ascii(outgoing) else "5.6.9"
-            text = f"SMTPUTF8 is required, but was not offered by host {remote}"
-            raise permanent(status, text, remote)
-        if outgoing.eight_bit and "8BITMIME" not in self._features:
-            text = f"8BITMIME is required, but was not offered by host {remote}"
-            raise permanent("5.6.3", text, remote)
+            text = f"SMTPUTF8 is required, but was not offered by host {self.remote}"
+            raise permanent(status, text, self.remote)
+
+    def _check_size(self, outgoing: Outgoing) -> None:
+        limit = self._features.get("SIZE", "")
+        if limit.isdigit() and 0 < int(limit) < outgoing.size:
+            text = (
+                f"message size {outgoing.size} exceeds size limit {limit}"
+                f" of server {self.remote}"
+            )
+            raise permanent("5.3.4", text, self.remote)
+
+    async def _prepared(self, outgoing: Outgoing) -> tuple[Outgoing, BinaryIO]:
+        """The message as this server takes it, and the file to send.
+
+        The queue file itself, unless the message is 8-bit and the server
+        has no 8BITMIME: then a 7-bit copy, made at each attempt.
+        """
+        if not outgoing.eight_bit or "8BITMIME" in self._features:
+            return outgoing, _open_queue_file(outgoing.path)
+        remote = self.remote
+        try:
+            copy = await seven_bit_copy(self._reactor, outgoing, self._needs_smtputf8(outgoing))
+        except Unconvertible as error:
+            text = f"8BITMIME is required, but was not offered by host {remote}; {error}"
+            raise permanent("5.6.3", text, remote) from None
+        maillog.converted(outgoing.queue_id, remote)
+        size = copy.seek(0, os.SEEK_END)
+        copy.seek(0)
+        converted = replace(outgoing, size=size, eight_bit=False, prefix=b"")
+        try:
+            self._check_size(converted)
+        except RelayError:
+            copy.close()
+            raise
+        return converted, copy
 
     @staticmethod
     def _needs_smtputf8(outgoing: Outgoing) -> bool:
