@@ -117,7 +117,8 @@ def _queue_show(args: argparse.Namespace, store: QueueStore) -> int:
     except UnknownMessage:
         raise CommandError(f"no message {args.id} in the queue") from None
     except CorruptMessage as error:
-        raise CommandError(f"message {args.id}: unreadable envelope ({error})") from None
+        reason = str(error).partition(": ")[2]
+        raise CommandError(f"message {args.id}: unreadable envelope ({reason})") from None
     if args.json:
         print(control.show_json(message, data))
     else:
@@ -137,12 +138,12 @@ def _queue_flush(args: argparse.Namespace, store: QueueStore) -> int:
     return 0
 
 
-_PAST = {"hold": "held", "release": "released", "delete": "deleted", "bounce": "bounced"}
-_SELECTED_ACTIONS = {
-    "hold": control.hold,
-    "release": control.release,
-    "delete": control.delete,
-    "bounce": control.bounce,
+# Each action on a selection, and the word for a message it changed.
+_SELECTING = {
+    "hold": (control.hold, "held"),
+    "release": (control.release, "released"),
+    "delete": (control.delete, "deleted"),
+    "bounce": (control.bounce, "bounced"),
 }
 
 
@@ -155,8 +156,8 @@ def _queue_change(args: argparse.Namespace, store: QueueStore) -> int:
     )
     if selection.is_empty():
         raise CommandError(f"queue {args.action} needs message ids, --from, --to or --all")
-    results = _SELECTED_ACTIONS[args.action](store, selection)
-    done = _PAST[args.action]
+    act, done = _SELECTING[args.action]
+    results = act(store, selection)
     if args.json:
         print(control.results_json(results, done))
     else:

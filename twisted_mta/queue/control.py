@@ -42,10 +42,8 @@ class Selection:
     everything: bool = False
 
     def is_empty(self) -> bool:
-        return not (self.ids or self.everything or self.has_patterns())
-
-    def has_patterns(self) -> bool:
-        return self.sender is not None or self.recipient is not None
+        patterns = self.sender is not None or self.recipient is not None
+        return not (self.ids or self.everything or patterns)
 
     def matches(self, message: QueuedMessage) -> bool:
         if self.sender is not None and not wildcard_match(message.sender, self.sender):
@@ -72,17 +70,14 @@ class Results:
     unreadable: dict[str, str] = field(default_factory=dict)
 
 
-Act = Callable[[QueueStore, str], "QueuedMessage | None"]
+Act = Callable[[str], QueuedMessage | None]
+Wanted = Callable[[QueuedMessage], bool]
+Change = Callable[[QueuedMessage], None]
 
 
 def flush(store: QueueStore) -> Results:
     """Make every pending recipient of the messages not on hold due now."""
-    now = time.time()
-
-    def due_now(store: QueueStore, queue_id: str) -> QueuedMessage | None:
-        return store.update_if(queue_id, lambda m: not m.held, _make_due(now))
-
-    return _act(store, Selection(everything=True), due_now)
+    return _update(store, Selection(everything=True), lambda m: not m.held, _make_due(time.time()))
 
 
 def hold(store: QueueStore, selection: Selection) -> Results:
@@ -91,26 +86,18 @@ def hold(store: QueueStore, selection: Selection) -> Results:
     def put_on_hold(message: QueuedMessage) -> None:
         message.held = True
 
-    def act(store: QueueStore, queue_id: str) -> QueuedMessage | None:
-        wanted = _selected(selection, lambda m: not m.held)
-        return store.update_if(queue_id, wanted, put_on_hold)
-
-    return _act(store, selection, act)
+    return _update(store, selection, lambda m: not m.held, put_on_hold)
 
 
 def release(store: QueueStore, selection: Selection) -> Results:
     """Take the selected held messages off hold, due at once."""
-    now = time.time()
-    make_due = _make_due(now)
+    make_due = _make_due(time.time())
 
     def let_go(message: QueuedMessage) -> None:
         message.held = False
         make_due(message)
 
-    def act(store: QueueStore, queue_id: str) -> QueuedMessage | None:
-        return store.update_if(queue_id, _selected(selection, lambda m: m.held), let_go)
-
-    return _act(store, selection, act)
+    return _update(store, selection, lambda m: m.held, let_go)
 
 
 def bounce(store: QueueStore, selection: Selection) -> Results:
@@ -124,29 +111,15 @@ def bounce(store: QueueStore, selection: Selection) -> Results:
             recipient.status = ADMIN_BOUNCE_STATUS
             recipient.last_error = "bounced by the administrator"
 
-    def act(store: QueueStore, queue_id: str) -> QueuedMessage | None:
-        wanted = _selected(selection, lambda m: bool(m.pending()))
-        return store.update_if(queue_id, wanted, fail)
-
-    return _act(store, selection, act)
+    return _update(store, selection, lambda m: bool(m.pending()), fail)
 
 
 def delete(store: QueueStore, selection: Selection) -> Results:
     """Remove the selected messages, telling nobody."""
-
-    def act(store: QueueStore, queue_id: str) -> QueuedMessage | None:
-        return store.remove_if(queue_id, selection.matches)
-
-    return _act(store, selection, act)
+    return _act(store, selection, lambda queue_id: store.remove_if(queue_id, selection.matches))
 
 
-def _selected(
-    selection: Selection, also: Callable[[QueuedMessage], bool]
-) -> Callable[[QueuedMessage], bool]:
-    return lambda message: selection.matches(message) and also(message)
-
-
-def _make_due(now: float) -> Callable[[QueuedMessage], None]:
+def _make_due(now: float) -> Change:
     def make_due(message: QueuedMessage) -> None:
         for recipient in message.pending():
             recipient.next_attempt = now
@@ -154,15 +127,25 @@ def _make_due(now: float) -> Callable[[QueuedMessage], None]:
     return make_due
 
 
+def _update(store: QueueStore, selection: Selection, also: Wanted, change: Change) -> Results:
+    """``change`` each selected message for which ``also`` holds."""
+
+    def wanted(message: QueuedMessage) -> bool:
+        return selection.matches(message) and also(message)
+
+    return _act(store, selection, lambda queue_id: store.update_if(queue_id, wanted, change))
+
+
 def _act(store: QueueStore, selection: Selection, act: Act) -> Results:
-    """Apply ``act`` to each selected message, each under the queue lock
-    (the selection is checked again there: the daemon may have changed the
-    message meanwhile), then have a running daemon look at the queue."""
+    """Apply ``act`` to the selected ids (all, if none is named), then have a
+    running daemon look at the queue.  ``act`` checks the selection under
+    the queue lock, on the envelope as it is then: the daemon may be
+    changing it."""
     results = Results()
     named = bool(selection.ids)
     for queue_id in selection.ids or store.ids():
         try:
-            message = act(store, queue_id)
+            message = act(queue_id)
         except UnknownMessage:
             if named:
                 results.missing.append(queue_id)
