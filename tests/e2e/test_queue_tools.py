@@ -8,6 +8,7 @@ from tests.helpers.capture import Behaviour, CaptureServer
 from tests.helpers.daemon import make_daemon, send
 from tests.helpers.queue_command import UNROUTABLE
 from tests.helpers.relay_fixtures import (
+    attempts,
     change_behaviour,
     message,
     queue_cli,
@@ -39,7 +40,8 @@ def stopped(tmp_path):
     ids = [
         send(daemon, "alice@example.test", ["one@remote.example", "two@other.example"],
              b"Subject: first\r\n\r\ncaf\xc3\xa9\r\n"),
-        send(daemon, "alice@example.test", ["three@remote.example"], b"Subject: second\r\n\r\nx\r\n"),
+        send(daemon, "alice@example.test", ["three@remote.example"],
+             b"Subject: second\r\n\r\nx\r\n"),
         send(daemon, "bob@example.test", ["four@Remote.Example"], b"Subject: third\r\n\r\nx\r\n"),
     ]
     for queue_id in ids:
@@ -130,7 +132,8 @@ def test_a_selection_is_required_and_unknown_ids_are_reported(stopped):
 
 def test_bounce_by_pattern_returns_messages_at_the_next_start(stopped):
     daemon, ids = stopped
-    bounced = json.loads(queue_cli(daemon, "bounce", "--from", "alice@example.test", "--json").stdout)
+    result = queue_cli(daemon, "bounce", "--from", "alice@example.test", "--json")
+    bounced = json.loads(result.stdout)
     assert [b["id"] for b in bounced] == ids[:2]
     daemon.start()
     for queue_id in ids[:2]:
@@ -170,5 +173,33 @@ def test_held_message_waits_through_restart_and_flush_until_released(tmp_path):
             wait_gone(daemon, held)
             [delivered] = [t for t in server.transactions if "held@remote.example" in t.recipients]
             assert delivered.reply.startswith("250")
+        finally:
+            daemon.stop()
+
+
+def test_held_message_is_not_retried_while_the_daemon_runs(tmp_path):
+    with CaptureServer(Behaviour(greeting=BUSY)) as server:
+        daemon = make_daemon(tmp_path / "mta", users=USERS, extra=relay_config(
+            smarthost=f"{server.host}:{server.port}", smarthost_tls="none",
+            retry_min="1s", retry_max="1s"))
+        daemon.start()
+        try:
+            held = submit(daemon, "alice@example.test", ["held@remote.example"], message("h"))
+            other = submit(daemon, "alice@example.test", ["other@remote.example"], message("o"))
+            wait_attempt(daemon, held, "held@remote.example", "deferred")
+            assert queue_cli(daemon, "hold", "--to", "HELD@*").stdout == f"id={held} held\n"
+            def tries(queue_id, address):
+                return len(attempts(daemon, queue_id, address))
+
+            # An attempt under way when held may still be recorded; none after.
+            seen = tries(other, "other@remote.example")
+            assert daemon.wait_for(lambda: tries(other, "other@remote.example") >= seen + 2)
+            tried = tries(held, "held@remote.example")
+            assert daemon.wait_for(lambda: tries(other, "other@remote.example") >= seen + 4)
+            assert tries(held, "held@remote.example") == tried
+            change_behaviour(server, greeting=Behaviour().greeting)
+            assert queue_cli(daemon, "release", "--all").stdout == f"id={held} released\n"
+            wait_attempt(daemon, held, "held@remote.example", "sent")
+            wait_gone(daemon, held)
         finally:
             daemon.stop()

@@ -111,7 +111,8 @@ def test_bounce_fails_pending_recipients_of_matching_messages(store):
 
 
 def test_results_json_is_one_object_per_message(store):
-    document = json.loads(control.results_json(control.delete(store, Selection(sender="")), "deleted"))
+    results = control.delete(store, Selection(sender=""))
+    document = json.loads(control.results_json(results, "deleted"))
     assert document == [{"id": C, "action": "deleted", "sender": ""}]
 
 
