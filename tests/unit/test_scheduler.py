@@ -182,3 +182,67 @@ def test_results_that_cannot_be_written_keep_their_backoff_in_memory(tmp_path, m
     h.clock.advance(2400)
     state = h.store.load("0000000000001AAAA").recipients[0]
     assert (state.attempts, state.last_error) == (5, "451 reply")
+
+
+def set_held(store, queue_id, held):
+    def change(message):
+        message.held = held
+
+    store.update(queue_id, change)
+
+
+def test_held_message_is_never_tried_warned_about_or_expired(tmp_path):
+    queue(tmp_path, "0000000000001AAAA", ["a@one.test"])
+    set_held(QueueStore(tmp_path), "0000000000001AAAA", True)
+    h = Harness(tmp_path, Policy(retry_min=60, retry_max=60, lifetime=200, delay_warning=100))
+    h.answers["a@one.test"] = "451"
+    h.start()
+    h.clock.pump([60] * 10)
+    h.scheduler.rescan()
+    h.clock.advance(0)
+    assert (h.calls, h.reports) == ([], [])
+    assert h.clock.getDelayedCalls() == []
+    assert h.store.ids() == ["0000000000001AAAA"]
+
+
+def test_released_message_is_tried_at_once_and_expires_by_its_arrival(tmp_path):
+    queue(tmp_path, "0000000000001AAAA", ["a@one.test"])
+    set_held(QueueStore(tmp_path), "0000000000001AAAA", True)
+    h = Harness(tmp_path, Policy(retry_min=60, retry_max=60, lifetime=200))
+    h.answers["a@one.test"] = "451"
+    h.start()
+    h.clock.advance(1000)
+    set_held(h.store, "0000000000001AAAA", False)
+    h.scheduler.rescan()
+    h.clock.advance(0)
+    assert [c[0] for c in h.calls] == [1000]
+    assert h.reports == [("0000000000001AAAA", "failed", ["a@one.test"])]
+    assert h.store.ids() == []
+
+
+def test_attempt_under_way_when_held_is_recorded_and_not_retried(tmp_path):
+    queue(tmp_path, "0000000000001AAAA", ["a@one.test"])
+    h = Harness(tmp_path)
+    h.answers["hold"] = True
+    h.start()
+    [(d, recipients)] = h.pending
+    set_held(h.store, "0000000000001AAAA", True)
+    h.scheduler.rescan()
+    d.callback([Outcome("a@one.test", False, False, "4.0.0", "451 reply")])
+    h.clock.advance(3600)
+    message = h.store.load("0000000000001AAAA")
+    assert (message.held, message.recipients[0].attempts, len(h.calls)) == (True, 1, 1)
+
+
+def test_held_message_bounced_by_the_administrator_is_reported(tmp_path):
+    queue(tmp_path, "0000000000001AAAA", ["a@one.test"])
+
+    def held_and_failed(message):
+        message.held = True
+        message.recipients[0].state = FAILED
+
+    QueueStore(tmp_path).update("0000000000001AAAA", held_and_failed)
+    h = Harness(tmp_path)
+    h.start()
+    assert (h.calls, h.reports) == ([], [("0000000000001AAAA", "failed", ["a@one.test"])])
+    assert h.store.ids() == []

@@ -20,6 +20,14 @@ queue.  ``delay_warning`` (0: off) sends one "delayed" DSN for a message
 still pending that long after arrival.  An envelope that cannot be read
 is moved to ``queue/corrupt/`` and stops nothing else.
 
+A message on hold (``twisted-mta queue hold``) with recipients pending is
+not scheduled: not tried, not warned about, and so never expired while
+held (as in Postfix's hold queue).  An attempt already under way when it
+is held is finished and recorded; a held message with nothing pending
+(bounced by the administrator) is reported and removed as usual.
+Released, it is due at once and expires, if that attempt fails, by its
+arrival time like any other.
+
 An attempt's results that cannot be written (a full disk) are kept in
 memory and laid over the envelope each time it is read, so the backoff
 holds; they are written with the message's next change.
@@ -169,6 +177,8 @@ class Scheduler(service.Service):
         self._wake()
 
     def _schedule_message(self, message: QueuedMessage) -> None:
+        if message.held and message.pending():
+            return  # the queue command asks for a rescan when it releases it
         due = message.next_due()
         if due is None:
             heapq.heappush(self._due, (self.clock.seconds(), message.id))
@@ -203,7 +213,7 @@ class Scheduler(service.Service):
 
     def _process(self, queue_id: str) -> None:
         message = self._load(queue_id)
-        if message is None:
+        if message is None or (message.held and message.pending()):
             return
         now = self.clock.seconds()
         flying = self._in_flight.get(queue_id, set())
@@ -305,6 +315,8 @@ class Scheduler(service.Service):
         """Report and remove a finished message, or schedule its next try."""
         now = self.clock.seconds()
         if message.pending():
+            if message.held:
+                return
             if self._needs_delay_warning(message, now):
                 self._warn_delay(message)
             self._schedule_message(message)

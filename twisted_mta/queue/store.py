@@ -99,24 +99,54 @@ class QueueStore:
     def update(
         self, queue_id: str, change: Callable[[QueuedMessage], None]
     ) -> QueuedMessage:
-        """Apply ``change`` to the current envelope and store it durably.
-
-        A message left with every recipient sent is removed instead: its
-        removal is the durable record that nothing is left to do.
-        """
+        """Apply ``change`` to the current envelope and store it durably
+        (a message left with every recipient sent is removed instead)."""
         with self._locked():
             message = self.load(queue_id)
             change(message)
-            if all(r.state == SENT for r in message.recipients):
-                self._remove(queue_id)
-            else:
-                self._write(message)
+            self._save(message)
+            return message
+
+    def update_if(
+        self,
+        queue_id: str,
+        wanted: Callable[[QueuedMessage], bool],
+        change: Callable[[QueuedMessage], None],
+    ) -> QueuedMessage | None:
+        """``update`` if the envelope, as it is under the lock, is ``wanted``;
+        the changed message, or None (then nothing is written)."""
+        with self._locked():
+            message = self.load(queue_id)
+            if not wanted(message):
+                return None
+            change(message)
+            self._save(message)
             return message
 
     def remove(self, queue_id: str) -> None:
         """Take a message out of the queue (envelope first)."""
         with self._locked():
             self._remove(queue_id)
+
+    def remove_if(
+        self, queue_id: str, wanted: Callable[[QueuedMessage], bool]
+    ) -> QueuedMessage | None:
+        """``remove`` if the envelope, as it is under the lock, is ``wanted``;
+        the removed message, or None."""
+        with self._locked():
+            message = self.load(queue_id)
+            if not wanted(message):
+                return None
+            self._remove(queue_id)
+            return message
+
+    def _save(self, message: QueuedMessage) -> None:
+        # A message with every recipient sent is removed: its removal is the
+        # durable record that nothing is left to do.
+        if all(r.state == SENT for r in message.recipients):
+            self._remove(message.id)
+        else:
+            self._write(message)
 
     def _remove(self, queue_id: str) -> None:
         envelope = self.directory / f"{checked_id(queue_id)}.env"

@@ -6,6 +6,11 @@ sent or failed, attempts, the next attempt, the last error).  The intake
 writes it first (:meth:`Envelope.to_json`), the queue reads and rewrites
 it (:class:`QueuedMessage`); both go through the one dumper and loader
 here.  Queue ids also name the files, so they are made and checked here.
+
+The version changes only when a reader of the old one would misread a new
+file.  A field added with a default that means what its absence always
+meant (``held``: not held) keeps it: older files load with the default,
+and fields unknown to a loader are ignored.
 """
 
 from __future__ import annotations
@@ -104,6 +109,8 @@ class QueuedMessage:
     body: str = "7BIT"
     smtputf8: bool = False
     delay_warned: bool = False
+    # Put on hold by the administrator: never tried until released.
+    held: bool = False
     version: int = ENVELOPE_VERSION
 
     @classmethod
