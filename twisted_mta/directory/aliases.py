@@ -23,23 +23,29 @@ def parse_aliases(lines: Iterable[str]) -> dict[str, tuple[str, ...]]:
     """``key -> targets``; keys are ``local``, ``local@domain`` or ``@domain``.
 
     Keys are lower-cased; targets keep their case, which matters for the
-    local part of a remote address.  Targets that are not addresses are
-    dropped with a log line.
+    local part of a remote address.  Lines and targets that cannot be used
+    are left out with a log line.
     """
-    aliases: dict[str, tuple[str, ...]] = {}
-    for number, text in content_lines(lines):
-        key, colon, rest = text.partition(":")
-        targets = tuple(_valid_targets(number, rest.split(",")))
-        if not colon or not key.strip() or not targets:
-            log.msg(f"aliases line {number} ignored: expected 'name: target, ...'")
-            continue
-        aliases[key.strip().lower()] = targets
+    aliases, problems = read_aliases(lines)
+    for problem in problems:
+        log.msg(f"aliases {problem}")
     return aliases
 
 
-def _valid_targets(number: int, targets: Iterable[str]) -> Iterable[str]:
-    for target in (t.strip() for t in targets):
-        if _TARGET.fullmatch(target):
-            yield target
-        elif target:
-            log.msg(f"aliases line {number}: target {target!r} ignored: not a mail address")
+def read_aliases(lines: Iterable[str]) -> tuple[dict[str, tuple[str, ...]], list[str]]:
+    """The aliases, and what was left out of them and why (``line N: ...``)."""
+    aliases: dict[str, tuple[str, ...]] = {}
+    problems: list[str] = []
+    for number, text in content_lines(lines):
+        key, colon, rest = text.partition(":")
+        targets = []
+        for target in (t.strip() for t in rest.split(",")):
+            if _TARGET.fullmatch(target):
+                targets.append(target)
+            elif target:
+                problems.append(f"line {number}: target {target!r} ignored: not a mail address")
+        if not colon or not key.strip() or not targets:
+            problems.append(f"line {number} ignored: expected 'name: target, ...'")
+            continue
+        aliases[key.strip().lower()] = tuple(targets)
+    return aliases, problems
