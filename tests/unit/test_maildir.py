@@ -104,10 +104,18 @@ def test_without_sharing_folders_are_0700_and_files_0600_of_ours(tmp_path):
 def test_a_shared_mail_root_is_made_at_start_a_private_one_at_first_delivery(
     tmp_path, shareable_group
 ):
-    prepare_mail_root(tmp_path / "private", Sharing())
+    assert prepare_mail_root(tmp_path / "private", Sharing())
     assert not (tmp_path / "private").exists()
-    prepare_mail_root(tmp_path / "shared", Sharing(shareable_group))
+    assert prepare_mail_root(tmp_path / "shared", Sharing(shareable_group))
     assert mode_and_group(tmp_path / "shared") == (0o2770, shareable_group)
+
+
+def test_a_mail_root_made_before_sharing_is_left_as_it_is_and_told(tmp_path, shareable_group):
+    if shareable_group == os.getegid():
+        pytest.skip("no group other than our own to share with")
+    ensure_maildir(tmp_path / "mail" / "example.test" / "alice")
+    assert not prepare_mail_root(tmp_path / "mail", Sharing(shareable_group))
+    assert mode_and_group(tmp_path / "mail") == (0o700, os.getegid())
 
 
 def test_only_a_member_of_the_group_or_root_may_share(monkeypatch):

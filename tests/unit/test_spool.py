@@ -149,6 +149,23 @@ def test_shared_mailboxes_get_0660_files_of_the_group_the_queue_stays_private(
         assert mode_and_group(path)[0] == 0o600, path
 
 
+def test_a_mail_root_made_before_sharing_is_told_at_start(
+    tmp_path, shareable_group, logged
+):
+    if shareable_group == os.getegid():
+        pytest.skip("no group other than our own to share with")
+    (tmp_path / "mail").mkdir(mode=0o700)
+    spool = Spool(
+        tmp_path / "mail", tmp_path / "queue", Committer(ThreadReactor()),
+        sharing=Sharing(shareable_group),
+    )
+    spool.prepare()
+    assert logged == [
+        f"delivery.group: {tmp_path / 'mail'} and the maildirs in it predate the setting"
+        " and are not shared: chgrp -R and chmod them (see the README)"
+    ]
+
+
 def test_remote_only_message_is_streamed_into_the_queue(tmp_path, spool, reactor):
     message = incoming(spool, {}, "far@remote.example")
     assert os.path.exists(tmp_path / "queue" / "QID.msg.tmp")

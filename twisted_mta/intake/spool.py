@@ -89,7 +89,11 @@ class Spool:
         a crash left behind: transactions never acknowledged, and our stale
         files in maildirs' ``tmp/``."""
         make_directories(self.queue_dir)
-        prepare_mail_root(self.mail_root, self.sharing)
+        if not prepare_mail_root(self.mail_root, self.sharing):
+            log.msg(
+                f"delivery.group: {self.mail_root} and the maildirs in it predate the"
+                " setting and are not shared: chgrp -R and chmod them (see the README)"
+            )
         self._drop_unacknowledged()
         removed = sweep_stale_temporaries(self.mail_root)
         if removed:

@@ -85,11 +85,18 @@ def delivery_headers(sender: str, delivered_to: str) -> bytes:
     return f"Return-Path: <{sender}>\nDelivered-To: {delivered_to}\n".encode()
 
 
-def prepare_mail_root(mail_root: Path, sharing: Sharing) -> None:
+def prepare_mail_root(mail_root: Path, sharing: Sharing) -> bool:
     """Make a shared mail root at start: a user may log in to the IMAP
-    server, which then makes the maildir, before the first delivery."""
-    if sharing.gid is not None:
-        make_directories(mail_root, sharing.folder_mode, sharing.group)
+    server, which then makes the maildir, before the first delivery.
+
+    False if the mail root is to be shared but is not: made before the
+    group was set, it is left as it is, for the admin to share it (and
+    every maildir in it) once.
+    """
+    if sharing.gid is None:
+        return True
+    make_directories(mail_root, sharing.folder_mode, sharing.group)
+    return mail_root.stat().st_gid == sharing.gid
 
 
 def ensure_maildir(path: Path, sharing: Sharing = PRIVATE) -> None:
