@@ -76,9 +76,9 @@ def make_directories(path: Path, mode: int = 0o700, gid: int = -1) -> None:
         fsync_directory(str(directory.parent))
 
 
-def make_directory(path: Path, mode: int = 0o700, gid: int = -1) -> bool:
+def make_directory(path: Path, mode: int = 0o700, gid: int = -1) -> None:
     """Create ``path`` with exactly ``mode`` whatever the umask, of group
-    ``gid`` unless it is -1; False if it was there already (left as it is).
+    ``gid`` unless it is -1; one already there is left as it is.
 
     The folder is private until its group and mode are set, so nobody else
     ever sees it half made.
@@ -86,12 +86,11 @@ def make_directory(path: Path, mode: int = 0o700, gid: int = -1) -> bool:
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
-        return False
+        return
     if gid != -1:
         os.chown(path, -1, gid)
     # After the chown, which clears the setgid bit; mkdir ignores it anyway.
     os.chmod(path, mode)
-    return True
 
 
 def _remove_quietly(path: Path) -> None:
