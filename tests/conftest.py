@@ -1,3 +1,6 @@
+import grp
+import os
+
 import pytest
 from twisted.logger import formatEvent, globalLogPublisher
 
@@ -41,3 +44,21 @@ def logged():
     globalLogPublisher.addObserver(observe)
     yield lines
     globalLogPublisher.removeObserver(observe)
+
+
+@pytest.fixture
+def shareable_group() -> int:
+    """A group this process may give its files, if possible not its own, so
+    that the group has to be set rather than inherited."""
+    if os.geteuid() == 0:
+        return next(g.gr_gid for g in grp.getgrall() if g.gr_gid != os.getegid())
+    others = [gid for gid in os.getgroups() if gid != os.getegid()]
+    return others[0] if others else os.getegid()
+
+
+@pytest.fixture
+def strict_umask():
+    """The tightest umask a daemon might run with: modes must not depend on it."""
+    old = os.umask(0o077)
+    yield
+    os.umask(old)

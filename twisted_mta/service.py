@@ -14,6 +14,8 @@ within ``[limits] shutdown_timeout``, every other session is told
 
 from __future__ import annotations
 
+import os
+import pwd
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ from twisted_mta.smtp.proxy import ProxyWrappingFactory
 from twisted_mta.smtp.realm import MailRealm
 from twisted_mta.smtp.sasl import usable_mechanisms
 from twisted_mta.storage.committer import Committer
+from twisted_mta.storage.maildir import Sharing, may_share
 from twisted_mta.tls import Certificate, ServerTLS, TLSError, files_stamp, load_certificate
 
 LISTENERS = ("smtp", "submission", "submissions")
@@ -57,7 +60,7 @@ LISTENERS = ("smtp", "submission", "submissions")
 # is the contract's 10 s, with room for a slow disk).
 CERTIFICATE_POLL = 4.0
 # Config parts that bind or name where things are: a reload cannot change them.
-_RESTART_ONLY = ("spool", "listen", "proxy.listeners")
+_RESTART_ONLY = ("spool", "listen", "proxy.listeners", "delivery")
 
 
 class ListenerService(service.Service):
@@ -119,7 +122,9 @@ class MTAService(service.MultiService):
         self.config = config
         self.checkers = tuple(checkers)
         self.committer = Committer(reactor)
-        self.spool = Spool(config.mail_dir, config.queue_dir, self.committer)
+        self.spool = Spool(
+            config.mail_dir, config.queue_dir, self.committer, sharing=_sharing(config)
+        )
         self.store = QueueStore(config.queue_dir)
         self.tls = ServerTLS()
         self.limits = ConnectionLimits(
@@ -200,6 +205,7 @@ class MTAService(service.MultiService):
 
     def startService(self) -> None:
         config = _recheck(self.config)
+        _check_sharing(config)
         try:
             self.spool.prepare()
         except OSError as error:
@@ -361,6 +367,27 @@ def _recheck(config: Config) -> Config:
         return load_config(config.source, {})
     except ConfigError as error:
         raise SystemExit(f"twistd mta: {error}") from None
+
+
+def _sharing(config: Config) -> Sharing:
+    group = config.delivery.group
+    return Sharing(None if group is None else group.gid)
+
+
+def _check_sharing(config: Config) -> None:
+    """Stop a start whose maildirs could not be given their group."""
+    if not may_share(_sharing(config)):
+        raise SystemExit(
+            f"twistd mta: delivery.group: {_run_user()} is not a member of group"
+            f" {config.delivery.group}, so it cannot give the maildirs that group"
+        )
+
+
+def _run_user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 def _warn_about_cram_md5(config: Config) -> None:

@@ -8,7 +8,6 @@ and a checkout and venv the account can read; .ci/run provides both.
 from __future__ import annotations
 
 import base64
-import grp
 import os
 import pwd
 import random
@@ -28,8 +27,8 @@ from tests.helpers.daemon import (
     insecure_context,
     with_loopback_resolver,
 )
+from tests.helpers.run_user import drop_arguments, run_user
 
-USER = "twisted-mta-test"
 TWISTED_MTA = str(Path(sys.executable).with_name("twisted-mta"))
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
@@ -38,27 +37,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop pr
 @pytest.fixture(scope="module")
 def account() -> pwd.struct_passwd:
     """A system account, made if missing, that can run our code."""
-    try:
-        entry = pwd.getpwnam(USER)
-    except KeyError:
-        if shutil.which("useradd") is None:
-            pytest.skip("no useradd to make a system account")
-        subprocess.run(
-            ["useradd", "--system", "--user-group", "--no-create-home",
-             "--shell", "/usr/sbin/nologin", USER],
-            check=True,
-        )
-        entry = pwd.getpwnam(USER)
-    # The daemon imports modules after the drop, so the account must read
-    # Python, the venv and the checkout, as on a real server.
-    probe = subprocess.run(
-        ["runuser", "-u", USER, "--", sys.executable, "-c", "import twisted_mta.service"],
-        capture_output=True,
-        text=True,
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"{USER} cannot read the checkout or the venv: {probe.stderr.strip()[-200:]}")
-    return entry
+    return run_user()
 
 
 def privileged_free_port() -> int:
@@ -95,10 +74,6 @@ def site(account, tmp_path_factory):
     assert result.returncode == 0, result.stderr
     yield Daemon(root, root / "mta.toml"), port
     shutil.rmtree(root, ignore_errors=True)
-
-
-def drop_arguments(account) -> tuple[str, ...]:
-    return ("--uid", USER, "--gid", grp.getgrgid(account.pw_gid).gr_name)
 
 
 def login(daemon: Daemon) -> tuple[int, bytes]:

@@ -102,6 +102,8 @@ class Daemon:
                     if match:
                         self.ports[match.group(1)] = int(match.group(3))
                     self._changed.notify_all()
+        # Reaped first, so that a waiter woken here sees the process gone.
+        process.wait()
         with self._changed:
             self._changed.notify_all()
 

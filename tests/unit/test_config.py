@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import socket
 import tomllib
@@ -851,3 +852,16 @@ def test_plugin_settings_are_checked(tmp_path, text, problem):
         load_config(path, {})
     assert problem in str(error.value)
 
+
+
+def test_the_delivery_group_is_looked_up_when_the_config_is_read(tmp_path):
+    name = grp.getgrgid(0).gr_name
+    config = load_text(tmp_path, f'[delivery]\ngroup = "{name}"\n')
+    assert (config.delivery.group.name, config.delivery.group.gid) == (name, 0)
+    assert f'group = "{name}"' in dump_config(config).splitlines()
+    assert load_text(tmp_path, "").delivery.group is None
+
+
+def test_an_unknown_delivery_group_stops_the_start_naming_the_key(tmp_path):
+    problem = error_for(tmp_path, '[delivery]\ngroup = "no-such-group-here"\n')
+    assert problem == "delivery.group: no such group: 'no-such-group-here'"

@@ -9,12 +9,16 @@ import time
 
 import pytest
 
+from tests.helpers.files import mode_and_group
 from twisted_mta.mail.mailbox import UnsafeMailboxName, check_path_component
 from twisted_mta.storage import files, maildir
 from twisted_mta.storage.maildir import (
+    Sharing,
     ensure_maildir,
     mailbox_path,
+    may_share,
     open_temporary,
+    prepare_mail_root,
     sweep_stale_temporaries,
 )
 
@@ -58,6 +62,71 @@ def test_ensure_maildir_creates_private_folders_and_syncs_them(tmp_path, monkeyp
     synced.clear()
     ensure_maildir(box)
     assert synced == []
+
+
+def test_a_shared_maildir_and_the_folders_above_it_are_2770_of_the_group(
+    tmp_path, shareable_group, strict_umask
+):
+    box = tmp_path / "mail" / "example.test" / "alice"
+    ensure_maildir(box, Sharing(shareable_group))
+    for folder in (tmp_path / "mail", box.parent, box, box / "tmp", box / "new", box / "cur"):
+        assert mode_and_group(folder) == (0o2770, shareable_group), folder
+    assert mode_and_group(tmp_path)[0] != 0o2770  # above the mail root: not ours to share
+
+
+def test_a_shared_message_file_is_0660_of_the_group(tmp_path, shareable_group, strict_umask):
+    box = tmp_path / "alice"
+    ensure_maildir(box, Sharing(shareable_group))
+    temporary = open_temporary(box, Sharing(shareable_group))
+    os.close(temporary.fd)
+    assert mode_and_group(temporary.path) == (0o660, shareable_group)
+
+
+def test_a_file_in_a_maildir_made_before_sharing_still_gets_the_group(tmp_path, shareable_group):
+    box = tmp_path / "alice"
+    ensure_maildir(box)
+    temporary = open_temporary(box, Sharing(shareable_group))
+    os.close(temporary.fd)
+    assert mode_and_group(temporary.path) == (0o660, shareable_group)
+    assert mode_and_group(box / "tmp") == (0o700, os.getegid())  # the admin's chgrp -R
+
+
+def test_without_sharing_folders_are_0700_and_files_0600_of_ours(tmp_path):
+    box = tmp_path / "mail" / "example.test" / "alice"
+    ensure_maildir(box)
+    temporary = open_temporary(box)
+    os.close(temporary.fd)
+    for folder in (tmp_path / "mail", box.parent, box, box / "tmp", box / "new", box / "cur"):
+        assert mode_and_group(folder) == (0o700, os.getegid())
+    assert mode_and_group(temporary.path) == (0o600, os.getegid())
+
+
+def test_a_shared_mail_root_is_made_at_start_a_private_one_at_first_delivery(
+    tmp_path, shareable_group
+):
+    assert prepare_mail_root(tmp_path / "private", Sharing())
+    assert not (tmp_path / "private").exists()
+    assert prepare_mail_root(tmp_path / "shared", Sharing(shareable_group))
+    assert mode_and_group(tmp_path / "shared") == (0o2770, shareable_group)
+
+
+def test_a_mail_root_made_before_sharing_is_left_as_it_is_and_told(tmp_path, shareable_group):
+    if shareable_group == os.getegid():
+        pytest.skip("no group other than our own to share with")
+    ensure_maildir(tmp_path / "mail" / "example.test" / "alice")
+    assert not prepare_mail_root(tmp_path / "mail", Sharing(shareable_group))
+    assert mode_and_group(tmp_path / "mail") == (0o700, os.getegid())
+
+
+def test_only_a_member_of_the_group_or_root_may_share(monkeypatch):
+    monkeypatch.setattr(os, "getegid", lambda: 100)
+    monkeypatch.setattr(os, "getgroups", lambda: [100, 200])
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert may_share(Sharing())
+    assert may_share(Sharing(100)) and may_share(Sharing(200))
+    assert not may_share(Sharing(300))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert may_share(Sharing(300))
 
 
 def test_ensure_maildir_completes_a_partial_one(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from twisted.python.failure import Failure
 
+from tests.helpers.files import mode_and_group
 from tests.helpers.threads import ThreadReactor
 from twisted_mta.intake import spool as spool_module
 from twisted_mta.intake.spool import IncomingMessage, Spool, StorageError
@@ -17,6 +18,7 @@ from twisted_mta.mail.mailbox import Mailbox
 from twisted_mta.storage import files as files_module
 from twisted_mta.storage.committer import Committer
 from twisted_mta.storage.envelope import Envelope, new_queue_id
+from twisted_mta.storage.maildir import Sharing
 
 RECEIVED = b"Received: from client.test ([192.0.2.1])\n\tby mx.test; date\n"
 BODY = b"Subject: hi\n\nhello\n"
@@ -123,6 +125,45 @@ def test_one_message_for_two_mailboxes_and_a_relay(tmp_path, spool, reactor, log
     ]
     assert logged[-1].endswith(" status=deferred (queued for relay)")
     assert logged[-2].endswith(" status=sent (delivered to maildir)")
+
+
+def test_shared_mailboxes_get_0660_files_of_the_group_the_queue_stays_private(
+    tmp_path, reactor, shareable_group, strict_umask
+):
+    committer = Committer(reactor)
+    spool = Spool(
+        tmp_path / "mail", tmp_path / "queue", committer, sharing=Sharing(shareable_group)
+    )
+    spool.prepare()
+    try:
+        message = incoming(spool, {ALICE: "alice@example.test", BOB: "bob@example.test"},
+                           "far@remote.example")
+        assert reactor.results(message.eomReceived()) == ["QID"]
+    finally:
+        committer.stop()
+    delivered = list((tmp_path / "mail").glob("*/*/new/*"))
+    assert len(delivered) == 2  # the first file and a copy of it
+    for path in delivered:
+        assert mode_and_group(path) == (0o660, shareable_group), path
+    for path in (tmp_path / "queue").iterdir():
+        assert mode_and_group(path)[0] == 0o600, path
+
+
+def test_a_mail_root_made_before_sharing_is_told_at_start(
+    tmp_path, shareable_group, logged
+):
+    if shareable_group == os.getegid():
+        pytest.skip("no group other than our own to share with")
+    (tmp_path / "mail").mkdir(mode=0o700)
+    spool = Spool(
+        tmp_path / "mail", tmp_path / "queue", Committer(ThreadReactor()),
+        sharing=Sharing(shareable_group),
+    )
+    spool.prepare()
+    assert logged == [
+        f"delivery.group: {tmp_path / 'mail'} and the maildirs in it predate the setting"
+        " and are not shared: chgrp -R and chmod them (see the README)"
+    ]
 
 
 def test_remote_only_message_is_streamed_into_the_queue(tmp_path, spool, reactor):

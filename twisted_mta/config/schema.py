@@ -194,6 +194,19 @@ class AliasesConfig:
 
 
 @dataclass(frozen=True)
+class DeliveryConfig:
+    """How the maildirs are shared, if at all."""
+
+    group: values.Group | None = setting(
+        "",
+        values.group,
+        "Share the maildirs with this group (folders 2770, files 0660), e.g."
+        ' an IMAP server\'s; the run user must be a member. "" = the run'
+        " user's alone (0700, 0600).",
+    )
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     """SASL mechanisms (upper case) and when they are offered."""
 
@@ -448,6 +461,7 @@ class Config:
     domains: DomainsConfig
     users: UsersConfig
     aliases: AliasesConfig
+    delivery: DeliveryConfig
     auth: AuthConfig
     relay: RelayConfig
     queue: QueueConfig

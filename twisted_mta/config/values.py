@@ -7,6 +7,7 @@ Most parsers are ``(value, key)``; those of paths also take the
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
 import re
@@ -286,6 +287,32 @@ def resolvers(value: Any, key: str) -> tuple[str, ...]:
             problem = f"bad resolver {text!r}: {error}"
             raise ConfigValueError(key, problem) from None
     return tuple(value)
+
+
+# -- Accounts ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Group:
+    """A system group, looked up when the config is read; written back as
+    its name."""
+
+    name: str
+    gid: int
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def group(value: Any, key: str) -> Group | None:
+    """The group named, or None for ""."""
+    name = string(value, key)
+    if not name:
+        return None
+    try:
+        return Group(name, grp.getgrnam(name).gr_gid)
+    except KeyError:
+        raise ConfigValueError(key, f"no such group: {name!r}") from None
 
 
 # -- Paths -------------------------------------------------------------------

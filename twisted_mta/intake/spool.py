@@ -42,12 +42,15 @@ from twisted_mta.storage.envelope import Envelope
 from twisted_mta.storage.files import make_directories
 from twisted_mta.storage.maildir import (
     CREATE_FLAGS,
+    PRIVATE,
     STALE_AFTER,
+    Sharing,
     TemporaryFile,
     delivery_headers,
     ensure_maildir,
     mailbox_path,
     open_temporary,
+    prepare_mail_root,
     sweep_stale_temporaries,
 )
 
@@ -71,19 +74,26 @@ def _storage_error(queue_id: str, error: OSError) -> StorageError:
 
 @dataclass
 class Spool:
-    """Where accepted messages go: Maildirs under ``mail_root``, the queue."""
+    """Where accepted messages go: Maildirs under ``mail_root``, shared as
+    ``sharing`` says, and the queue."""
 
     mail_root: Path
     queue_dir: Path
     committer: Committer
     # Told the id of each message that entered the queue (the scheduler).
     on_queued: Callable[[str], None] | None = None
+    sharing: Sharing = PRIVATE
 
     def prepare(self) -> None:
-        """Create the queue folder and remove what a crash left behind:
-        transactions never acknowledged, and our stale files in maildirs'
-        ``tmp/``."""
+        """Create the queue folder (and a shared mail root), and remove what
+        a crash left behind: transactions never acknowledged, and our stale
+        files in maildirs' ``tmp/``."""
         make_directories(self.queue_dir)
+        if not prepare_mail_root(self.mail_root, self.sharing):
+            log.msg(
+                f"delivery.group: {self.mail_root} and the maildirs in it predate the"
+                " setting and are not shared: chgrp -R and chmod them (see the README)"
+            )
         self._drop_unacknowledged()
         removed = sweep_stale_temporaries(self.mail_root)
         if removed:
@@ -177,8 +187,8 @@ class IncomingMessage:
     def _open_in_maildir(self, mailbox: Mailbox) -> tuple[TemporaryFile, PendingFile]:
         """A new file in ``mailbox``'s tmp/; its final name waits for its size."""
         maildir = mailbox_path(self.spool.mail_root, mailbox.domain, mailbox.local)
-        ensure_maildir(maildir)
-        temporary = open_temporary(maildir)
+        ensure_maildir(maildir, self.spool.sharing)
+        temporary = open_temporary(maildir, self.spool.sharing)
         pending = PendingFile(temporary.fd, temporary.path, "")
         self._files.append(pending)
         return temporary, pending

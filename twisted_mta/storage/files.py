@@ -60,22 +60,37 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def make_directories(path: Path) -> None:
-    """Like ``os.makedirs`` (mode 0700), and durable: the entry of each new
-    folder is fsynced in its parent, or a crash could lose the folder with
-    every file later made durable inside it."""
+def make_directories(path: Path, mode: int = 0o700, gid: int = -1) -> None:
+    """Like ``os.makedirs``, and durable: the entry of each new folder is
+    fsynced in its parent, or a crash could lose the folder with every file
+    later made durable inside it.  Each new folder gets exactly ``mode``
+    and, unless ``gid`` is -1, that group."""
     missing = []
     probe = path
     while not probe.exists():
         missing.append(probe)
         probe = probe.parent
     for directory in reversed(missing):
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            pass
+        make_directory(directory, mode, gid)
     for directory in reversed(missing):
         fsync_directory(str(directory.parent))
+
+
+def make_directory(path: Path, mode: int = 0o700, gid: int = -1) -> None:
+    """Create ``path`` with exactly ``mode`` whatever the umask, of group
+    ``gid`` unless it is -1; one already there is left as it is.
+
+    The folder is private until its group and mode are set, so nobody else
+    ever sees it half made.
+    """
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    if gid != -1:
+        os.chown(path, -1, gid)
+    # After the chown, which clears the setgid bit; mkdir ignores it anyway.
+    os.chmod(path, mode)
 
 
 def _remove_quietly(path: Path) -> None:

@@ -12,6 +12,13 @@ processes, restarts and clock jumps::
 readers skip a stat.  A file a crash leaves in ``tmp/`` is removed at the
 next start once it is 36 hours old, the age after which the Maildir
 convention deems a temporary file abandoned.
+
+Maildirs are the daemon's alone (folders 0700, files 0600) unless they are
+shared with a group (``[delivery] group``), e.g. an IMAP/POP3 server's:
+then every folder under the mail root is 2770 (setgid: what is made in it
+inherits the group) and every message file 0660, so the group's members
+read, flag, move and expunge messages, and make a new user's maildir when
+that user logs in before the first delivery.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twisted_mta.mail.mailbox import check_path_component
-from twisted_mta.storage.files import fsync_directory, make_directories
+from twisted_mta.storage.files import fsync_directory, make_directories, make_directory
 
 # Readable too: the copies for other mailboxes are taken from the first file.
 CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -34,6 +41,37 @@ _sequence = itertools.count()
 STALE_AFTER = 36 * 3600  # seconds
 # The temporary names open_temporary makes; other writers' files are theirs.
 _OUR_TEMPORARY = re.compile(r"\d+\.M\d+P\d+Q\d+\..+")
+
+
+@dataclass(frozen=True)
+class Sharing:
+    """Who may use the maildirs besides the daemon's user: nobody, or the
+    members of the group ``gid``."""
+
+    gid: int | None = None
+
+    @property
+    def folder_mode(self) -> int:
+        return 0o700 if self.gid is None else 0o2770
+
+    @property
+    def file_mode(self) -> int:
+        return 0o600 if self.gid is None else 0o660
+
+    @property
+    def group(self) -> int:
+        """The group to give a new folder; -1 keeps the creator's."""
+        return -1 if self.gid is None else self.gid
+
+
+PRIVATE = Sharing()
+
+
+def may_share(sharing: Sharing) -> bool:
+    """Whether this process may give its folders and files the group of
+    ``sharing``: only a member of it may, or root."""
+    gid = sharing.gid
+    return gid is None or os.geteuid() == 0 or gid == os.getegid() or gid in os.getgroups()
 
 
 def mailbox_path(mail_root: Path, domain: str, local: str) -> Path:
@@ -47,16 +85,28 @@ def delivery_headers(sender: str, delivered_to: str) -> bytes:
     return f"Return-Path: <{sender}>\nDelivered-To: {delivered_to}\n".encode()
 
 
-def ensure_maildir(path: Path) -> None:
-    """Create ``path`` with tmp/new/cur (mode 0700) and make it durable."""
+def prepare_mail_root(mail_root: Path, sharing: Sharing) -> bool:
+    """Make a shared mail root at start: a user may log in to the IMAP
+    server, which then makes the maildir, before the first delivery.
+
+    False if the mail root is to be shared but is not: made before the
+    group was set, it is left as it is, for the admin to share it (and
+    every maildir in it) once.
+    """
+    if sharing.gid is None:
+        return True
+    make_directories(mail_root, sharing.folder_mode, sharing.group)
+    return mail_root.stat().st_gid == sharing.gid
+
+
+def ensure_maildir(path: Path, sharing: Sharing = PRIVATE) -> None:
+    """Create ``path`` with tmp/new/cur, and the folders above it that are
+    missing, shared as ``sharing`` says, and make them durable."""
     if (path / "new").is_dir() and (path / "tmp").is_dir():
         return
-    make_directories(path)
+    make_directories(path, sharing.folder_mode, sharing.group)
     for sub in _SUBDIRECTORIES:
-        try:
-            os.mkdir(path / sub, 0o700)
-        except FileExistsError:
-            continue
+        make_directory(path / sub, sharing.folder_mode, sharing.group)
     fsync_directory(str(path))
 
 
@@ -88,7 +138,7 @@ class TemporaryFile:
         return os.path.join(self.maildir, "new", f"{self.unique},S={size}")
 
 
-def open_temporary(maildir: Path) -> TemporaryFile:
+def open_temporary(maildir: Path, sharing: Sharing = PRIVATE) -> TemporaryFile:
     """Create a new empty file in ``maildir/tmp``.
 
     The temporary name is unique within this process; the final name adds
@@ -99,10 +149,25 @@ def open_temporary(maildir: Path) -> TemporaryFile:
     stem = f"{seconds}.M{micro}P{os.getpid()}"
     sequence = next(_sequence)
     path = str(maildir / "tmp" / f"{stem}Q{sequence}.{_hostname}")
-    fd = os.open(path, CREATE_FLAGS, 0o600)
-    info = os.fstat(fd)
+    fd = os.open(path, CREATE_FLAGS, sharing.file_mode)
+    try:
+        info = os.fstat(fd)
+        if sharing.gid is not None:
+            _share(fd, info, sharing)
+    except OSError:
+        os.close(fd)
+        os.unlink(path)
+        raise
     unique = f"{stem}V{info.st_dev:x}I{info.st_ino:x}_{sequence}.{_hostname}"
     return TemporaryFile(fd, path, maildir, unique)
+
+
+def _share(fd: int, info: os.stat_result, sharing: Sharing) -> None:
+    # The setgid folder gave the group, unless the folder predates the
+    # option; the umask may have taken the group's bits.
+    if info.st_gid != sharing.gid:
+        os.fchown(fd, -1, sharing.group)
+    os.fchmod(fd, sharing.file_mode)
 
 
 def sweep_stale_temporaries(mail_root: Path, now: float | None = None) -> int:
