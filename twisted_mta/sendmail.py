@@ -12,6 +12,13 @@ starts.  Understands the flags programs pass to sendmail::
                   /etc/twisted-mta/mta.toml if it exists, else the defaults)
 
 and ignores the harmless rest (``-odi -oem -v -bm -B 8BITMIME -N -R -V``...).
+
+Like Postfix's sendmail it is also the queue and aliases tools, handing
+over to ``twisted-mta`` (as Postfix's hands over to postqueue and
+newaliases): ``-bp``, or called as ``mailq``, lists the queue; ``-bi``, or
+called as ``newaliases``, checks the aliases file; ``-q`` tries the queue
+now.  ``/usr/sbin/sendmail``, ``/usr/bin/mailq`` and ``/usr/bin/newaliases``
+can all be links to it.
 Without ``-f`` the sender is ``<login name>@<hostname>``; bare names
 (``alice``) get ``@<hostname>``.  Bcc headers are removed; a message
 without From, Date or Message-ID gets one, as Postfix's pickup does.
@@ -46,6 +53,13 @@ EX_OK, EX_USAGE, EX_DATAERR, EX_TEMPFAIL = 0, 64, 65, 75
 
 # Flags taking a value are followed by ":"; those not in Options are ignored.
 _FLAGS = "tif:r:F:C:o:O:B:N:R:V:X:L:h:b:A:vmnUG"
+# The modes handed over to twisted-mta, by flag or by the name we are called.
+_MODE_FLAGS = {"p": "mailq", "i": "newaliases"}
+_DELEGATED = {
+    "mailq": ("queue", "list"),
+    "newaliases": ("check-aliases",),
+    "flush": ("queue", "flush"),
+}
 _HEADER = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
 _RECIPIENT_HEADERS = (b"to", b"cc", b"bcc")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -69,15 +83,23 @@ class Options:
     sender: str | None = None
     full_name: str | None = None
     config: str | None = None
+    mode: str = "send"
 
 
-def parse_args(argv: Sequence[str]) -> Options:
-    """The flags that matter; raises UsageError for unknown or unsupported ones."""
+def parse_args(argv: Sequence[str], program: str = PROGRAM) -> Options:
+    """The flags that matter; raises UsageError for unknown or unsupported
+    ones.  Called as ``mailq`` or ``newaliases``, that is the mode."""
+    # -q takes an optional interval (-q30m), which getopt cannot express.
+    flush = any(arg.startswith("-q") for arg in argv)
     try:
-        flags, recipients = getopt.getopt(list(argv), _FLAGS)
+        flags, recipients = getopt.getopt([a for a in argv if not a.startswith("-q")], _FLAGS)
     except getopt.GetoptError as error:
         raise UsageError(str(error)) from None
     options = Options(recipients=recipients)
+    if program in _DELEGATED:
+        options.mode = program
+    if flush:
+        options.mode = "flush"
     for flag, value in flags:
         _apply_flag(options, flag, value)
     return options
@@ -94,8 +116,10 @@ def _apply_flag(options: Options, flag: str, value: str) -> None:
         options.full_name = value
     elif flag == "-C":
         options.config = value
+    elif flag == "-b" and value in _MODE_FLAGS:
+        options.mode = _MODE_FLAGS[value]
     elif flag == "-b" and value != "m":
-        raise UsageError(f"-b{value} is not supported (only -bm, deliver mail)")
+        raise UsageError(f"-b{value} is not supported (only -bm, -bp and -bi)")
 
 
 def read_message(stream: BinaryIO, ignore_dots: bool, limit: int) -> bytes:
@@ -245,12 +269,33 @@ def login_name() -> str:
 
 
 def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> int:
+    program = os.path.basename(sys.argv[0])
     argv = sys.argv[1:] if argv is None else argv
     stdin = sys.stdin.buffer if stdin is None else stdin
     try:
-        return _sendmail(parse_args(argv), stdin)
+        options = parse_args(argv, program)
     except UsageError as error:
         return _fail(EX_USAGE, str(error))
+    if options.mode in _DELEGATED:
+        return _hand_over(options)
+    try:
+        return _sendmail(options, stdin)
+    except UsageError as error:
+        return _fail(EX_USAGE, str(error))
+
+
+def delegated_command(options: Options) -> list[str]:
+    """The ``twisted-mta`` command line that does what ``options.mode`` asks."""
+    command = [sys.executable, "-m", "twisted_mta.cli", *_DELEGATED[options.mode]]
+    return command + (["--config", options.config] if options.config else [])
+
+
+def _hand_over(options: Options) -> int:
+    command = delegated_command(options)
+    try:
+        os.execv(command[0], command)
+    except OSError as error:
+        return _fail(EX_TEMPFAIL, f"cannot run {' '.join(command[2:])}: {error.strerror}")
 
 
 def _sendmail(options: Options, stdin: BinaryIO) -> int:

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import stat
+import sys
 import time
 from pathlib import Path
 
@@ -54,10 +55,44 @@ def test_harmless_flags_are_ignored():
     assert options == sendmail.Options(recipients=["a@x"])
 
 
-@pytest.mark.parametrize("argv", [["-bs"], ["-bp"], ["-Z"], ["--help"], ["-f"]])
+@pytest.mark.parametrize("argv", [["-bs"], ["-bd"], ["-Z"], ["--help"], ["-f"]])
 def test_unsupported_flags_are_usage_errors(argv):
     with pytest.raises(sendmail.UsageError):
         sendmail.parse_args(argv)
+
+
+@pytest.mark.parametrize(
+    "argv, program, mode, command",
+    [
+        (["-bp"], "sendmail", "mailq", ["queue", "list"]),
+        ([], "mailq", "mailq", ["queue", "list"]),
+        (["-bi"], "sendmail", "newaliases", ["check-aliases"]),
+        ([], "newaliases", "newaliases", ["check-aliases"]),
+        (["-q"], "sendmail", "flush", ["queue", "flush"]),
+        (["-q30m", "-C", "/etc/mta.toml"], "sendmail", "flush",
+         ["queue", "flush", "--config", "/etc/mta.toml"]),
+        (["-bp", "-C", "x.toml"], "sendmail", "mailq", ["queue", "list", "--config", "x.toml"]),
+    ],
+)
+def test_queue_and_aliases_modes_hand_over_to_twisted_mta(argv, program, mode, command):
+    options = sendmail.parse_args(argv, program)
+    assert options.mode == mode
+    assert sendmail.delegated_command(options) == [
+        sys.executable, "-m", "twisted_mta.cli", *command
+    ]
+
+
+def test_main_replaces_itself_with_the_command(monkeypatch):
+    ran = []
+
+    def execv(path, argv):
+        ran.append((path, argv))
+        raise OSError(2, "No such file or directory")
+
+    monkeypatch.setattr(sendmail.os, "execv", execv)
+    monkeypatch.setattr(sendmail.sys, "argv", ["/usr/bin/mailq"])
+    assert sendmail.main([], io.BytesIO()) == sendmail.EX_TEMPFAIL
+    assert ran == [(sys.executable, [sys.executable, "-m", "twisted_mta.cli", "queue", "list"])]
 
 
 def test_a_lone_dot_ends_input_unless_i():
@@ -182,7 +217,7 @@ def test_config_from_the_environment(config, capsys, monkeypatch):
     [
         ([], b"Subject: x\n\n", 64, "no recipients"),
         (["a b@x"], b"x\n", 64, "bad recipient address"),
-        (["-bs"], b"", 64, "-bs is not supported"),
+        (["-bs"], b"", 64, "-bs is not supported (only -bm, -bp and -bi)"),
         (["a@x.test"], b"x" * 2000, 65, "exceeds max_message_size"),
     ],
 )
