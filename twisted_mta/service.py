@@ -232,11 +232,12 @@ class MTAService(service.MultiService):
     def _running(self) -> None:
         """The reactor runs: take over HUP and TERM, then say we serve."""
         self._handle_signals()
-        for listener in self.listeners:
-            listener.announce()
+        # The metrics first: a "listening: smtp" line tells they are up too.
         for listener in self.monitoring:
             if isinstance(listener, ListenerService):
                 listener.announce()
+        for listener in self.listeners:
+            listener.announce()
 
     def _handle_signals(self) -> None:
         """Ours replace the reactor's, installed as it started."""
