@@ -114,3 +114,16 @@ def test_requests_do_not_reach_the_log(mta) -> None:
     send(mta, "s@example.org", ["dave@example.test"], MESSAGE)
     mta.wait_for_log(r"status=sent")
     assert not [line for line in mta.log[lines:] if "/metrics" in line or "/healthz" in line]
+
+
+def test_a_message_waiting_for_relay_shows_in_the_queue(mta) -> None:
+    """Queued for relay is no delivery yet: the attempt waits for DNS."""
+    before = scrape(mta)
+    send(mta, "s@example.org", ["far@example.net"], MESSAGE)
+    expected = {
+        key("twisted_mta_queue_messages"): 1,
+        key("twisted_mta_deliveries_total", result="deferred", kind="relay"): 0,
+    }
+    assert changes(mta, before, expected) == expected
+    time.sleep(0.2)
+    assert scrape(mta)[key("twisted_mta_queue_oldest_seconds")] >= 0.2

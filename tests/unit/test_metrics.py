@@ -27,7 +27,10 @@ from tests.helpers.smtp_session import (
 )
 from twisted_mta import maillog
 from twisted_mta.metrics import Health, Metrics, MetricsObserver, metrics_site
+from twisted_mta.queue.store import QueueStore
+from twisted_mta.service import _queue_state
 from twisted_mta.smtp.limits import Sessions
+from twisted_mta.storage.envelope import Envelope
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 NOW = 1_000_000.0
@@ -118,6 +121,20 @@ def test_an_empty_queue_has_no_age(sessions: Sessions) -> None:
     found = samples(Metrics(sessions, ["smtp"], lambda: (0, None)))
     assert value(found, "twisted_mta_queue_messages") == 0
     assert value(found, "twisted_mta_queue_oldest_seconds") == 0
+
+
+def queue(folder: Path, queue_id: str, arrival: float, envelope: bytes | None = None) -> None:
+    sent = Envelope("s@example.org", ("r@example.net",), {"ip": "192.0.2.7"}, "7BIT", False)
+    (folder / f"{queue_id}.msg").write_bytes(b"Subject: x\n\nbody\n")
+    (folder / f"{queue_id}.env").write_bytes(envelope or sent.to_json(queue_id, 17, arrival))
+
+
+def test_the_queue_state_is_its_size_and_its_oldest_readable_arrival(tmp_path) -> None:
+    assert _queue_state(QueueStore(tmp_path)) == (0, None)
+    queue(tmp_path, "0000000000001AAAA", 0.0, envelope=b"not json")
+    queue(tmp_path, "0000000000002AAAA", NOW - 60)
+    queue(tmp_path, "0000000000003AAAA", NOW)
+    assert _queue_state(QueueStore(tmp_path)) == (3, NOW - 60)
 
 
 def connect(sessions: Sessions, listener: str = "smtp", tls: bool = False) -> Client:
