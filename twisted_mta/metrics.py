@@ -10,8 +10,9 @@ How the counts are taken:
   the fields a count needs, so the SMTP, intake and queue code knows
   nothing of metrics, and with ``[metrics]`` off no observer runs at all.
 * What has no log line (connections, TLS handshakes) the sessions tally
-  themselves, one counter increment each
-  (:class:`twisted_mta.smtp.limits.Sessions`); it is read at scrape time.
+  themselves, one counter increment each, metrics on or off
+  (:class:`twisted_mta.smtp.limits.Sessions`), read at scrape time: a log
+  line per connection only to count it would double the log.
 * What is a state, not an event (connections open, the queue), is read at
   scrape time: nothing is done for it on the path of a message.
 
@@ -42,7 +43,7 @@ from twisted.logger import globalLogPublisher
 from twisted.web import resource, server
 
 PREFIX = "twisted_mta"
-# Its queue size, and when its oldest message arrived (None: it is empty).
+# The queue's size, and when its oldest message arrived (None: it is empty).
 QueueState = Callable[[], tuple[int, float | None]]
 
 
