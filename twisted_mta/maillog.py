@@ -13,9 +13,11 @@ The host is always ``unknown``: the server does no reverse DNS.  Each
 line is a ``twisted.logger`` event that carries its parts as fields
 (``queue_id``, ``client_ip``, ``recipient``, ``status`` ...), so structured
 observers, such as ``twistd --logger`` with a JSON observer, get them
-without parsing the text.  The text itself is made here, once, as the
-event's ``line``: formatting it from the fields at every observer would
-cost a third more on the path of every message.  Client-given text is escaped (see
+without parsing the text; ``mail_event`` names the event (``accepted``,
+``reject``, ``delivery``, ``auth_failed`` ...) after the function that made
+it.  The text itself is made here, once, as the event's ``line``:
+formatting it from the fields at every observer would cost a third more on
+the path of every message.  Client-given text is escaped (see
 :mod:`twisted_mta.mail.text`), in the fields as in the line.
 """
 
@@ -64,6 +66,7 @@ def reject(
     queue_id = queue_id or NO_QUEUE
     text = escape(" ".join(text.splitlines()))
     _emit(
+        "reject",
         f"{queue_id}: reject: {stage} from unknown[{client.client_ip}]: {code} {enhanced} {text};"
         + _details(sender, recipient, proto, helo),
         queue_id=queue_id,
@@ -103,6 +106,7 @@ def accepted(
         f" user={user}" if user else "",
     ]
     _emit(
+        "accepted",
         f"id={queue_id} from=<{sender}> size={size} nrcpt={nrcpt} client={host}[{client_ip}]"
         f" listener={listener}" + "".join(extras),
         queue_id=queue_id,
@@ -121,6 +125,7 @@ def lost_after_data(queue_id: str | None, client_ip: str) -> None:
     """A client that went away in the middle of its message."""
     queue_id = queue_id or "-"
     _emit(
+        "lost",
         f"id={queue_id} lost connection after DATA from unknown[{client_ip}]; message discarded",
         queue_id=queue_id,
         client_ip=client_ip,
@@ -133,6 +138,7 @@ def delivery(
     """What became of one recipient: ``status`` is ``sent``, ``deferred`` or
     ``bounced``; ``relay`` is ``local``, ``none`` or ``host[ip]:port``."""
     _emit(
+        "delivery",
         f"id={queue_id} to=<{recipient}> relay={relay} delay={delay:.2f} status={status}"
         f" ({detail})",
         queue_id=queue_id,
@@ -144,9 +150,25 @@ def delivery(
     )
 
 
+def queued_for_relay(queue_id: str, recipient: str, delay: float) -> None:
+    """A recipient the queue will relay to, at intake: no attempt yet."""
+    _emit(
+        "queued",
+        f"id={queue_id} to=<{recipient}> relay=none delay={delay:.2f} status=deferred"
+        " (queued for relay)",
+        queue_id=queue_id,
+        recipient=recipient,
+        relay="none",
+        delay=delay,
+        status="deferred",
+        detail="queued for relay",
+    )
+
+
 def converted(queue_id: str, relay: str) -> None:
     """An 8-bit message goes quoted-printable to a host without 8BITMIME."""
     _emit(
+        "converted",
         f"id={queue_id} converted to quoted-printable for {relay}",
         queue_id=queue_id,
         relay=relay,
@@ -155,18 +177,24 @@ def converted(queue_id: str, relay: str) -> None:
 
 def no_notification(queue_id: str) -> None:
     """A failure that cannot be reported: the sender is null."""
-    _emit(f"id={queue_id} no notification: the sender is null", queue_id=queue_id)
+    _emit(
+        "no_notification", f"id={queue_id} no notification: the sender is null", queue_id=queue_id
+    )
 
 
 def notification_refused(queue_id: str, replies: str) -> None:
     _emit(
-        f"id={queue_id} sender notification refused: {replies}", queue_id=queue_id, replies=replies
+        "notification_refused",
+        f"id={queue_id} sender notification refused: {replies}",
+        queue_id=queue_id,
+        replies=replies,
     )
 
 
 def notification_sent(queue_id: str, kind: str, notification_id: str) -> None:
     """A delay warning or a non-delivery report, queued as ``notification_id``."""
     _emit(
+        "notification_sent",
         f"id={queue_id} sender {kind} notification: {notification_id}",
         queue_id=queue_id,
         kind=kind,
@@ -178,6 +206,7 @@ def auth_failed(client_ip: str, mechanism: str, user: str) -> None:
     """A wrong password, on the line fail2ban's twisted-mta filter reads;
     ``user`` is already made printable."""
     _emit(
+        "auth_failed",
         f"auth failed: client=[{client_ip}] mechanism={mechanism} user={user}",
         client_ip=client_ip,
         mechanism=mechanism,
@@ -188,6 +217,7 @@ def auth_failed(client_ip: str, mechanism: str, user: str) -> None:
 def auth_blocked(client_ip: str, mechanism: str, reason: str) -> None:
     """An address refused AUTH without a check, said once per block."""
     _emit(
+        "auth_blocked",
         f"auth refused: client=[{client_ip}] mechanism={mechanism}: {reason};"
         " AUTH refused without a check until they are 15 minutes old",
         client_ip=client_ip,
@@ -196,8 +226,8 @@ def auth_blocked(client_ip: str, mechanism: str, reason: str) -> None:
     )
 
 
-def _emit(line: str, **fields: object) -> None:
-    _log.info("{line}", line=line, **fields)
+def _emit(name: str, line: str, **fields: object) -> None:
+    _log.info("{line}", mail_event=name, line=line, **fields)
 
 
 def _escaped(text: str | None) -> str | None:

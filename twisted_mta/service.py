@@ -40,10 +40,11 @@ from twisted_mta.intake.maildrop import MaildropService
 from twisted_mta.intake.policies import NO_POLICIES, PluginError, PolicyChain, load_policies
 from twisted_mta.intake.spool import Spool
 from twisted_mta.interfaces import PolicyContext
+from twisted_mta.metrics import Health, Metrics, MetricsObserver, metrics_site
 from twisted_mta.queue.bounces import dsn_reporter
 from twisted_mta.queue.flush import FlushListener
 from twisted_mta.queue.scheduler import Policy, Scheduler
-from twisted_mta.queue.store import QueueStore
+from twisted_mta.queue.store import CorruptMessage, QueueStore
 from twisted_mta.relay.outgoing import Timeouts
 from twisted_mta.relay.router import Router, RouterSettings, SmartHost, make_resolver
 from twisted_mta.smtp.factory import MTAFactory
@@ -52,6 +53,7 @@ from twisted_mta.smtp.proxy import ProxyWrappingFactory
 from twisted_mta.smtp.realm import MailRealm
 from twisted_mta.smtp.sasl import usable_mechanisms
 from twisted_mta.storage.committer import Committer
+from twisted_mta.storage.envelope import UnknownMessage
 from twisted_mta.storage.maildir import Sharing, may_share
 from twisted_mta.tls import Certificate, ServerTLS, TLSError, files_stamp, load_certificate
 
@@ -60,7 +62,7 @@ LISTENERS = ("smtp", "submission", "submissions")
 # is the contract's 10 s, with room for a slow disk).
 CERTIFICATE_POLL = 4.0
 # Config parts that bind or name where things are: a reload cannot change them.
-_RESTART_ONLY = ("spool", "listen", "proxy.listeners", "delivery")
+_RESTART_ONLY = ("spool", "listen", "proxy.listeners", "delivery", "metrics.listen")
 
 
 class ListenerService(service.Service):
@@ -92,6 +94,10 @@ class ListenerService(service.Service):
                 reason = reason.socketError
             raise SystemExit(f"twistd mta: cannot listen on {self.description}: {reason}")
         self._port = outcome
+
+    @property
+    def listening(self) -> bool:
+        return self._port is not None and bool(self._port.connected)
 
     def announce(self) -> None:
         address = self._port.getHost()
@@ -167,6 +173,9 @@ class MTAService(service.MultiService):
         self.scheduler.setServiceParent(self.queue)
         self.spool.on_queued = self.scheduler.enqueue
         FlushListener(config.queue_dir, self.scheduler, reactor).setServiceParent(self.queue)
+        self.monitoring = service.MultiService()
+        self.monitoring.setServiceParent(self)
+        self._serve_metrics(config)
         self._certificate: Certificate | None = None
         self._refused_stamp = None
         self._certificate_poll = task.LoopingCall(self._check_certificates)
@@ -191,6 +200,22 @@ class MTAService(service.MultiService):
                 wrapped = self._wrap(kind, settings, factory)
                 ListenerService(kind, description, wrapped).setServiceParent(self.listeners)
         return factories
+
+    def _serve_metrics(self, config: Config) -> None:
+        """``[metrics] listen``: counts, and the health of the listeners and
+        the spool, over HTTP; bound with the SMTP ports, before privileges
+        are dropped."""
+        if not config.metrics.listen:
+            return
+        kinds = [kind for kind in LISTENERS if getattr(config.listen, kind)]
+        metrics = Metrics(self.sessions, kinds, lambda: _queue_state(self.store))
+        MetricsObserver(metrics).setServiceParent(self.monitoring)
+        site = metrics_site(metrics, Health(self._listeners_down, config.queue_dir))
+        for description in config.metrics.listen:
+            ListenerService("metrics", description, site).setServiceParent(self.monitoring)
+
+    def _listeners_down(self) -> list[str]:
+        return [f"{each.kind} {each.description}" for each in self.listeners if not each.listening]
 
     def _wrap(self, kind: str, settings: ServerSettings, factory: MTAFactory):
         """TLS around the server for implicit TLS, the PROXY header outside it."""
@@ -229,6 +254,10 @@ class MTAService(service.MultiService):
     def _running(self) -> None:
         """The reactor runs: take over HUP and TERM, then say we serve."""
         self._handle_signals()
+        # The metrics first: a "listening: smtp" line tells they are up too.
+        for listener in self.monitoring:
+            if isinstance(listener, ListenerService):
+                listener.announce()
         for listener in self.listeners:
             listener.announce()
         count = len(list(self.listeners))
@@ -337,8 +366,15 @@ class MTAService(service.MultiService):
             lambda _: self.sessions.drain(self.config.limits.shutdown_timeout, reactor)
         )
         d.addCallback(lambda _: self.queue.stopService())
+        d.addBoth(self._stop_monitoring)
         d.addBoth(self._stop_committer)
         return d
+
+    def _stop_monitoring(self, result):
+        # Last but the committer: the drain shows in /healthz, and what the
+        # queue did until it stopped is counted.
+        d = defer.maybeDeferred(self.monitoring.stopService)
+        return d.addBoth(lambda _: result)
 
     def _stop_committer(self, result):
         self.committer.stop()
@@ -461,6 +497,22 @@ def _portal(realm: MailRealm, directory: Directory, config: Config, extra: Seque
     if password_checkers:
         checkers.append(FirstMatch(password_checkers))
     return Portal(realm, checkers)
+
+
+def _queue_state(store: QueueStore) -> tuple[int, float | None]:
+    """The queue's size and its oldest message's arrival, for the metrics.
+
+    Read from the folder at each scrape (one listing, one envelope): the
+    scheduler's memory knows due times, not arrivals.  Queue ids sort
+    oldest first.
+    """
+    ids = store.ids()
+    for queue_id in ids:
+        try:
+            return len(ids), store.load(queue_id).arrival
+        except (UnknownMessage, CorruptMessage):
+            continue
+    return len(ids), None
 
 
 def _queue_policy(config: Config) -> Policy:

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,19 @@ def test_a_users_file_unreadable_later_is_a_temporary_failure(site, account):
         assert login(daemon)[0] == 235
     finally:
         daemon.stop()
+
+
+def test_metrics_on_a_privileged_port_are_bound_before_the_drop(site, account):
+    daemon, smtp_port = site
+    os.chown(daemon.root / "users", account.pw_uid, account.pw_gid)
+    port = next(p for p in iter(privileged_free_port, None) if p != smtp_port)
+    metrics = f'\n[metrics]\nlisten = ["tcp:{port}:interface=127.0.0.1"]\n'
+    daemon.config.write_text(daemon.config.read_text() + metrics)
+    daemon.start(twistd_args=drop_arguments(account))
+    try:
+        assert daemon.ports["metrics"] == port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
+            assert (response.status, response.read()) == (200, b"ok\n")
+    finally:
+        daemon.stop()
+    assert daemon.process.returncode == 0

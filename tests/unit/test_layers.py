@@ -26,6 +26,7 @@ LAYERS = {
     "twisted_mta.storage": 1,
     "twisted_mta.policies": 1,
     "twisted_mta.maillog": 1,
+    "twisted_mta.metrics": 1,
     "twisted_mta.directory": 2,
     "twisted_mta.tls": 2,
     "twisted_mta.intake": 3,

@@ -18,7 +18,7 @@ def check_consistency(config: Config) -> None:
             f"must not exceed queue.retry_max ({config.queue.retry_max:g}s),"
             f" got {config.queue.retry_min:g}s",
         )
-    check_duplicate_ports(_listeners(config.listen))
+    check_duplicate_ports({**_listeners(config.listen), "metrics.listen": config.metrics.listen})
     if config.proxy.listeners and not config.proxy.trusted:
         raise ConfigValueError(
             "proxy.trusted", "must not be empty when proxy.listeners is set"

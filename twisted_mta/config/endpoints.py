@@ -1,5 +1,5 @@
-"""Listener endpoints: the parser of ``[listen]`` values, and the check that
-no two listeners would bind the same port.
+"""Listener endpoints: the parser of ``[listen]`` and ``[metrics] listen``
+values, and the check that no two listeners would bind the same port.
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ def endpoints(value: Any, key: str) -> tuple[str, ...]:
     for description in descriptions:
         _check_endpoint(description, key)
     return tuple(descriptions)
+
+
+def optional_endpoints(value: Any, key: str) -> tuple[str, ...]:
+    """Like :func:`endpoints`, and an empty string for none (off)."""
+    if value == "":
+        return ()
+    return endpoints(value, key)
 
 
 def _check_endpoint(description: str, key: str) -> None:

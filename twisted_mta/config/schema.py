@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import twisted_mta.config.values as values
-from twisted_mta.config.endpoints import endpoints
+from twisted_mta.config.endpoints import endpoints, optional_endpoints
 from twisted_mta.config.values import Network, ParseContext
 
 _SETTING = "twisted_mta.setting"
@@ -438,6 +438,18 @@ class PluginsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics and the health check over HTTP."""
+
+    listen: tuple[str, ...] = setting(
+        [],
+        optional_endpoints,
+        "Twisted endpoint strings serving /metrics and /healthz over HTTP;"
+        ' empty ([] or "") for none.',
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole effective configuration.
 
@@ -468,6 +480,7 @@ class Config:
     limits: LimitsConfig
     proxy: ProxyConfig
     plugins: PluginsConfig
+    metrics: MetricsConfig
 
     @property
     def queue_dir(self) -> Path:

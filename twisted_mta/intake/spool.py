@@ -278,9 +278,7 @@ class IncomingMessage:
                 self.queue_id, delivered_to, "local", delay, "sent", "delivered to maildir"
             )
         for address in self.envelope.remote:
-            maillog.delivery(
-                self.queue_id, address, "none", delay, "deferred", "queued for relay"
-            )
+            maillog.queued_for_relay(self.queue_id, address, delay)
 
     def _complete_files(self) -> None:
         """Name the primary file and open every other one, in commit order.

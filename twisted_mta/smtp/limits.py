@@ -6,11 +6,13 @@
   and Postfix's stress mode: while the connections near their limit,
   sessions get less time and less chatter;
 * ``Sessions``: the open sessions of every listener, so that a shutdown can
-  let them finish and cut those that do not.
+  let them finish and cut those that do not, and their tallies per listener
+  (connections made, TLS handshakes done and failed), read by the metrics.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -89,21 +91,34 @@ class Drainable(Protocol):
     """An open session, as ``Sessions`` sees it."""
 
     transport: ITCPTransport
+    settings: ServerSettings
 
     def shut_down(self) -> None:
         """Finish what is under way, then close."""
 
 
 class Sessions:
-    """The open sessions of every listener, so that a shutdown can drain them."""
+    """The open sessions of every listener, so that a shutdown can drain them.
+
+    The tallies are plain counters by listener kind, kept whether or not
+    metrics are served: one increment per connection or handshake.
+    """
 
     def __init__(self) -> None:
         self.closing = False
         self._open: set[Drainable] = set()
         self._drained: list[defer.Deferred] = []
+        self.connections: Counter[str] = Counter()
+        self.tls_handshakes: Counter[str] = Counter()
+        self.tls_failures: Counter[str] = Counter()
 
     def add(self, server: Drainable) -> None:
         self._open.add(server)
+        self.connections[server.settings.listener] += 1
+
+    def open_by_listener(self) -> Counter[str]:
+        """The sessions open now, by listener kind."""
+        return Counter(server.settings.listener for server in self._open)
 
     def remove(self, server: Drainable) -> None:
         self._open.discard(server)

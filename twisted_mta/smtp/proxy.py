@@ -35,7 +35,13 @@ import ipaddress
 from collections.abc import Sequence
 
 from twisted.internet import address
-from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocolFactory, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IProtocolFactory,
+    IReactorTime,
+)
 from twisted.internet.protocol import Protocol
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._info import ProxyInfo
@@ -43,7 +49,7 @@ from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python import log
-from zope.interface import directlyProvides, providedBy
+from zope.interface import directlyProvides, implementer, providedBy
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 TCPAddress = address.IPv4Address | address.IPv6Address
@@ -95,6 +101,7 @@ class _V1Parser(V1Parser):
         return super().parse(line)
 
 
+@implementer(IHandshakeListener)
 class ProxyProtocolWrapper(ProtocolWrapper):
     """One connection: the PROXY header first, then the wrapped protocol."""
 
@@ -188,6 +195,12 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         if self._destination is None:
             return self.transport.getHost()
         return self._destination
+
+    def handshakeCompleted(self) -> None:
+        # STARTTLS behind a proxy: the TLS layer wraps this wrapper, so the
+        # session hears of its handshake through it.
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
 
     def abortConnection(self) -> None:
         # Marked like loseConnection, so that _start_session sees it.

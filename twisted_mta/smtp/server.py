@@ -30,6 +30,7 @@ from twisted.cred.credentials import Anonymous
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer, reactor
 from twisted.internet.interfaces import (
+    IHandshakeListener,
     IOpenSSLServerConnectionCreator,
     IReactorTime,
     ITLSTransport,
@@ -37,6 +38,7 @@ from twisted.internet.interfaces import (
 from twisted.mail import smtp
 from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from twisted_mta import maillog
 from twisted_mta.auth.throttle import AuthThrottle
@@ -55,6 +57,7 @@ from twisted_mta.smtp.replies import failure_reply
 from twisted_mta.smtp.sasl import Authenticator
 
 
+@implementer(IHandshakeListener)
 class MTAServer(Dialogue):
     """One SMTP session: what its commands mean.
 
@@ -81,6 +84,7 @@ class MTAServer(Dialogue):
         self.session: Session | None = None
         self._auth: Authenticator | None = None
         self._counted = False
+        self._handshaken = False
         self._transfer: DataTransfer | None = None
         self._mail = None
         self._offered = None
@@ -149,10 +153,18 @@ class MTAServer(Dialogue):
         if self._counted:
             self._counted = False
             self.limits.release(self.session.client_ip)
+        if self.startedTLS and not self._handshaken:
+            self.sessions.tls_failures[self.settings.listener] += 1
         self.sessions.remove(self)
         if self._auth is not None:
             self._auth.cancel()
         super().connectionLost(reason)
+
+    def handshakeCompleted(self) -> None:
+        """The TLS layer's word that its handshake is done (implicit TLS or
+        STARTTLS); one that never comes is a failure, told at the loss."""
+        self._handshaken = True
+        self.sessions.tls_handshakes[self.settings.listener] += 1
 
     def close(self, abort: bool = False) -> None:
         """Drop a message being received, and close."""
