@@ -26,8 +26,8 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python import log
 
 from twisted_mta import systemd
 from twisted_mta.auth.checker import FirstMatch, UsersFileChecker, cram_md5_warning
@@ -46,7 +46,8 @@ from twisted_mta.queue.flush import FlushListener
 from twisted_mta.queue.scheduler import Policy, Scheduler
 from twisted_mta.queue.store import CorruptMessage, QueueStore
 from twisted_mta.relay.outgoing import Timeouts
-from twisted_mta.relay.router import Router, RouterSettings, SmartHost, make_resolver
+from twisted_mta.relay.resolver import make_resolver
+from twisted_mta.relay.router import Router, RouterSettings, SmartHost
 from twisted_mta.smtp.factory import MTAFactory
 from twisted_mta.smtp.limits import ConnectionLimits, ServerSettings, Sessions
 from twisted_mta.smtp.proxy import ProxyWrappingFactory
@@ -63,6 +64,9 @@ LISTENERS = ("smtp", "submission", "submissions")
 CERTIFICATE_POLL = 4.0
 # Config parts that bind or name where things are: a reload cannot change them.
 _RESTART_ONLY = ("spool", "listen", "proxy.listeners", "delivery", "metrics.listen")
+
+_log = Logger()
+
 
 
 class ListenerService(service.Service):
@@ -101,7 +105,12 @@ class ListenerService(service.Service):
 
     def announce(self) -> None:
         address = self._port.getHost()
-        log.msg(f"listening: {self.kind} on {address.host}:{address.port}")
+        _log.info(
+            "listening: {listener} on {host}:{port}",
+            listener=self.kind,
+            host=address.host,
+            port=address.port,
+        )
 
     def stopService(self):
         super().stopService()
@@ -246,9 +255,11 @@ class MTAService(service.MultiService):
         super().startService()
         self._certificate_poll.start(CERTIFICATE_POLL, now=False)
         reactor.callWhenRunning(self._running)
-        log.msg(
-            f"twisted-mta starting: hostname={config.hostname} spool={config.spool} "
-            f"config={config.source or '(defaults)'}"
+        _log.info(
+            "twisted-mta starting: hostname={hostname} spool={spool} config={config}",
+            hostname=config.hostname,
+            spool=str(config.spool),
+            config=str(config.source or "(defaults)"),
         )
 
     def _running(self) -> None:
@@ -278,7 +289,7 @@ class MTAService(service.MultiService):
         reactor.callFromThread(self._terminate)
 
     def _terminate(self) -> None:
-        log.msg("SIGTERM: shutting down")
+        _log.info("SIGTERM: shutting down")
         _tell_systemd(systemd.STOPPING, systemd.status("draining sessions"))
         reactor.stop()
 
@@ -298,19 +309,23 @@ class MTAService(service.MultiService):
             config = load_config(self.config.source, {})
             certificate = _load_certificate(config)
         except (ConfigError, TLSError) as error:
-            log.msg(f"reload: {error}; keeping the running config")
+            _log.info("reload: {error}; keeping the running config", error=str(error))
             return
         try:
             self._apply(config)
         except PluginError as error:
-            log.msg(f"reload: {error}; keeping the running config")
+            _log.info("reload: {error}; keeping the running config", error=str(error))
             return
         self._use_certificate(certificate)
         _warn_about_cram_md5(config)
         unchanged = [name for name in _RESTART_ONLY if _differs(self.config, config, name)]
         self.config = config
         note = f" ({', '.join(unchanged)}: at the next restart)" if unchanged else ""
-        log.msg(f"reload: config {config.source or '(defaults)'} re-read{note}")
+        _log.info(
+            "reload: config {config} re-read{note}",
+            config=str(config.source or "(defaults)"),
+            note=note,
+        )
 
     def _apply(self, config: Config) -> None:
         intake = build_intake(config, self.spool, self.checkers)
@@ -347,10 +362,10 @@ class MTAService(service.MultiService):
             # Half-way through a renewal the pair may not match yet: said
             # once, and tried again when the files change again.
             self._refused_stamp = stamp
-            log.msg(f"tls: {error}; keeping the current certificate")
+            _log.info("tls: {error}; keeping the current certificate", error=str(error))
             return
         self._use_certificate(certificate)
-        log.msg(f"tls: certificate reloaded from {certificate.files[0]}")
+        _log.info("tls: certificate reloaded from {path}", path=str(certificate.files[0]))
 
     # -- SIGTERM -----------------------------------------------------------------
 
@@ -394,7 +409,10 @@ def _tell_systemd(*states: str) -> None:
     try:
         systemd.notify(*states)
     except OSError as error:
-        log.msg(f"systemd: cannot notify $NOTIFY_SOCKET: {error.strerror or error}")
+        _log.info(
+            "systemd: cannot notify $NOTIFY_SOCKET: {reason}",
+            reason=error.strerror or str(error),
+        )
 
 
 def _recheck(config: Config) -> Config:
@@ -429,7 +447,7 @@ def _run_user() -> str:
 def _warn_about_cram_md5(config: Config) -> None:
     warning = cram_md5_warning(config.auth.mechanisms, config.users.file)
     if warning:
-        log.msg(warning)
+        _log.info("{warning}", warning=warning)
 
 
 def _load_certificate(config: Config) -> Certificate:

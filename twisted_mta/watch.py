@@ -6,13 +6,16 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from twisted.python import log
+from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
 try:
     from twisted.internet import inotify
 except ImportError:  # not Linux
     inotify = None
+
+_log = Logger()
+
 
 
 def watch_directory(reactor, directory: Path, arrived: Callable[[str], None]):
@@ -30,6 +33,6 @@ def watch_directory(reactor, directory: Path, arrived: Callable[[str], None]):
             callbacks=[lambda _watch, path, _mask: arrived(os.fsdecode(path.basename()))],
         )
     except (OSError, inotify.INotifyError) as error:
-        log.msg(f"no inotify on {directory} ({error})")
+        _log.info("no inotify on {directory} ({error})", directory=str(directory), error=str(error))
         return None
     return notifier

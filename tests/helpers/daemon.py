@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
 
+from twisted.logger import eventFromJSON, formatEvent
+
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 _LISTENING = re.compile(r"listening: (\w+) on ([\d.:a-f]+):(\d+)")
 START_TIMEOUT = 30.0
@@ -58,6 +60,7 @@ class Daemon:
     process: subprocess.Popen | None = None
     ports: dict[str, int] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
     _changed: threading.Condition = field(default_factory=threading.Condition)
 
     @property
@@ -94,6 +97,11 @@ class Daemon:
         with open(self.root / "daemon.log", "a", encoding="utf-8") as copy:
             for raw in process.stdout:
                 line = raw.decode("utf-8", "replace").rstrip("\n")
+                if line.startswith("\x1e"):
+                    # A JSON record of twistd --logger twisted_mta.logs.json_lines.
+                    event = eventFromJSON(line[1:])
+                    self.events.append(event)
+                    line = formatEvent(event)
                 copy.write(line + "\n")
                 copy.flush()
                 with self._changed:

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-from twisted.python import log
 
 from twisted_mta.directory.aliases import parse_aliases
 from twisted_mta.directory.resolve import (
@@ -224,22 +223,16 @@ def test_a_rewrite_within_the_same_tick_is_seen(directory, files):
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["users", "aliases"])
-def test_an_unreadable_file_is_a_temporary_failure_said_once(directory, files, which):
+def test_an_unreadable_file_is_a_temporary_failure_said_once(directory, files, which, logged):
     assert directory.is_account("bob@example.test")
-    messages: list[str] = []
-    observer = lambda event: messages.append(" ".join(map(str, event["message"])))  # noqa: E731
-    log.addObserver(observer)
     path = files[which]
-    try:
-        path.rename(path.with_name("moved"))
-        for _ in range(2):
-            with pytest.raises(DirectoryUnavailable):
-                directory.resolve("bob", EXAMPLE)
-        path.with_name("moved").rename(path)
-        assert set(directory.resolve("bob", EXAMPLE).mailboxes) == {mailbox("bob@example.test")}
-    finally:
-        log.removeObserver(observer)
-    assert len([m for m in messages if f"cannot read {path}" in m]) == 1
+    path.rename(path.with_name("moved"))
+    for _ in range(2):
+        with pytest.raises(DirectoryUnavailable):
+            directory.resolve("bob", EXAMPLE)
+    path.with_name("moved").rename(path)
+    assert set(directory.resolve("bob", EXAMPLE).mailboxes) == {mailbox("bob@example.test")}
+    assert len([m for m in logged if f"cannot read {path}" in m]) == 1
 
 
 def test_a_file_that_is_not_utf8_is_a_temporary_failure(directory, files):

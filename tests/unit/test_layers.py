@@ -23,6 +23,7 @@ LAYERS = {
     "twisted_mta.interfaces": 0,
     "twisted_mta.durations": 0,
     "twisted_mta.systemd": 0,
+    "twisted_mta.logs": 0,
     "twisted_mta.storage": 1,
     "twisted_mta.policies": 1,
     "twisted_mta.maillog": 1,

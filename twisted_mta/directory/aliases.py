@@ -11,12 +11,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from twisted.python import log
+from twisted.logger import Logger
 
 from twisted_mta.directory.watched import content_lines
 
 _TARGET_PART = r'[^\s<>()\[\]\\,;:"@|/\x00-\x1f\x7f]+'
 _TARGET = re.compile(rf"{_TARGET_PART}(?:@{_TARGET_PART})?")
+
+_log = Logger()
+
 
 
 def parse_aliases(lines: Iterable[str]) -> dict[str, tuple[str, ...]]:
@@ -28,7 +31,7 @@ def parse_aliases(lines: Iterable[str]) -> dict[str, tuple[str, ...]]:
     """
     aliases, problems = read_aliases(lines)
     for problem in problems:
-        log.msg(f"aliases {problem}")
+        _log.info("aliases {problem}", problem=problem)
     return aliases
 
 

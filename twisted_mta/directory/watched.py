@@ -13,13 +13,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from twisted.python import log
+from twisted.logger import Logger
 
 # A file changed twice within one timestamp tick keeps its mtime; a file
 # younger than this is read again at the next lookup instead of trusted.
 _RACY_SECONDS = 2.0
 
 T = TypeVar("T")
+
+_log = Logger()
+
 
 
 class DirectoryUnavailable(OSError):
@@ -63,7 +66,7 @@ class WatchedFile(Generic[T]):
     def _report(self, problem: str | None) -> None:
         """Log a problem once, not at every lookup."""
         if problem is not None and problem != self._problem:
-            log.msg(problem)
+            _log.info("{problem}", problem=problem)
         self._problem = problem
 
 

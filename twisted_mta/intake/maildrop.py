@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 from twisted.application import service
 from twisted.internet import defer, task
-from twisted.python import log
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_mta.intake.acceptance import MailSystem
@@ -38,6 +38,9 @@ from twisted_mta.watch import watch_directory
 
 POLL_INTERVAL = 1.0  # without inotify: the contract's "within a second"
 RESCAN_INTERVAL = 30.0  # with inotify: retries, and any event missed
+
+_log = Logger()
+
 
 
 class MaildropService(service.Service):
@@ -62,12 +65,16 @@ class MaildropService(service.Service):
         try:
             prepare_directory(self.directory)
         except OSError as error:
-            log.msg(f"maildrop: cannot create {self.directory}: {error.strerror}; not watched")
+            _log.info(
+                "maildrop: cannot create {directory}: {reason}; not watched",
+                directory=str(self.directory),
+                reason=error.strerror,
+            )
             return
         self._notifier = watch_directory(self._reactor, self.directory, self._notified)
         interval = RESCAN_INTERVAL if self._notifier is not None else POLL_INTERVAL
         how = "inotify" if self._notifier is not None else f"polling every {interval:g}s"
-        log.msg(f"maildrop: watching {self.directory} ({how})")
+        _log.info("maildrop: watching {directory} ({how})", directory=str(self.directory), how=how)
         self._loop = task.LoopingCall(self.scan)
         self._loop.clock = self._reactor
         self._loop.start(interval, now=True)
@@ -91,7 +98,11 @@ class MaildropService(service.Service):
         try:
             names = sorted(os.listdir(self.directory))
         except OSError as error:
-            log.msg(f"maildrop: cannot read {self.directory}: {error.strerror}")
+            _log.info(
+                "maildrop: cannot read {directory}: {reason}",
+                directory=str(self.directory),
+                reason=error.strerror,
+            )
             return
         now = time.monotonic()
         self._add([n for n in names if self._retry_after.get(n, 0.0) <= now])
@@ -138,7 +149,12 @@ class MaildropService(service.Service):
             self._will_retry(name, error.strerror or str(error))
             return defer.succeed(None)
         if envelope.user != user:
-            log.msg(f"maildrop: {name} claims user {envelope.user!r}, owned by {user}")
+            _log.info(
+                "maildrop: {name} claims user {claimed!r}, owned by {owner}",
+                name=name,
+                claimed=envelope.user,
+                owner=user,
+            )
         d = inject(
             self.system, envelope.sender, envelope.recipients, stream, origin=SENDMAIL, user=user
         )
@@ -160,7 +176,7 @@ class MaildropService(service.Service):
     def _will_retry(self, name: str, reason: str) -> None:
         """Leave the drop for a later scan, not the next poll."""
         self._retry_after[name] = time.monotonic() + RESCAN_INTERVAL
-        log.msg(f"maildrop: {name} not injected, will retry: {reason}")
+        _log.info("maildrop: {name} not injected, will retry: {reason}", name=name, reason=reason)
 
     def _remove(self, name: str) -> None:
         self._retry_after.pop(name, None)
@@ -168,7 +184,7 @@ class MaildropService(service.Service):
             os.unlink(self.directory / name)
         except OSError as error:
             # Injected once more at the next scan: at least once, never lost.
-            log.msg(f"maildrop: cannot remove {name}: {error.strerror}")
+            _log.info("maildrop: cannot remove {name}: {reason}", name=name, reason=error.strerror)
 
     def _set_aside(self, name: str, reason: str) -> None:
         self._retry_after.pop(name, None)
@@ -179,7 +195,12 @@ class MaildropService(service.Service):
         except OSError as error:
             self._will_retry(name, f"{reason}, and cannot be moved to {BAD}/: {error.strerror}")
             return
-        log.msg(f"maildrop: {name} moved to {BAD}/: {reason}")
+        _log.info(
+            "maildrop: {name} moved to {folder}/: {reason}",
+            name=name,
+            folder=BAD,
+            reason=reason,
+        )
 
 
 def _close(result, stream: BinaryIO):

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.mail.interfaces import IMessageSMTP
-from twisted.python import log
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -57,6 +57,9 @@ from twisted_mta.storage.maildir import (
 # copy_file_range cannot cross file systems (Linux 5.19+) or may be missing.
 _NO_COPY_FILE_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
+_log = Logger()
+
+
 
 class StorageError(Refusal):
     """The message could not be made durable; the client should retry."""
@@ -68,7 +71,12 @@ class StorageError(Refusal):
 def _storage_error(queue_id: str, error: OSError) -> StorageError:
     """Log what went wrong where, for the operator; tell the client less."""
     where = f" ({error.filename})" if error.filename else ""
-    log.msg(f"id={queue_id} not stored: {error.strerror or error}{where}")
+    _log.info(
+        "id={queue_id} not stored: {reason}{where}",
+        queue_id=queue_id,
+        reason=error.strerror or str(error),
+        where=where,
+    )
     return StorageError(error.strerror or "write failed")
 
 
@@ -90,16 +98,19 @@ class Spool:
         files in maildirs' ``tmp/``."""
         make_directories(self.queue_dir)
         if not prepare_mail_root(self.mail_root, self.sharing):
-            log.msg(
-                f"delivery.group: {self.mail_root} and the maildirs in it predate the"
-                " setting and are not shared: chgrp -R and chmod them (see the README)"
+            _log.info(
+                "delivery.group: {mail_root} and the maildirs in it predate the setting and are "
+                "not shared: chgrp -R and chmod them (see the README)",
+                mail_root=str(self.mail_root),
             )
         self._drop_unacknowledged()
         removed = sweep_stale_temporaries(self.mail_root)
         if removed:
-            log.msg(
-                f"removed {removed} stale temporary file(s) from maildir tmp/ folders"
-                f" (older than {STALE_AFTER // 3600} hours)"
+            _log.info(
+                "removed {removed} stale temporary file(s) from maildir tmp/ folders (older than "
+                "{hours} hours)",
+                removed=removed,
+                hours=STALE_AFTER // 3600,
             )
 
     def _drop_unacknowledged(self) -> None:
@@ -115,7 +126,7 @@ class Spool:
             )
             if orphan:
                 os.unlink(self.queue_dir / name)
-                log.msg(f"removed {name} from the queue: never acknowledged")
+                _log.info("removed {name} from the queue: never acknowledged", name=name)
 
     def queue_path(self, queue_id: str, suffix: str) -> str:
         return str(self.queue_dir / f"{queue_id}.{suffix}")

@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.python import log
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twisted_mta import maillog
 from twisted_mta.intake.policies import NO_POLICIES, PolicyChain
@@ -52,6 +53,9 @@ from twisted_mta.queue.store import CorruptMessage, QueueStore
 from twisted_mta.storage.envelope import FAILED, SENT, QueuedMessage, RecipientState, UnknownMessage
 
 EXPIRED_STATUS = "4.4.7"
+
+_log = Logger()
+
 
 
 @dataclass(frozen=True)
@@ -161,9 +165,10 @@ class Scheduler(service.Service):
             raise
         except OSError as error:
             self._unwritten[queue_id] = changes
-            log.msg(
-                f"id={queue_id} queue file not updated ({error.strerror or error}); "
-                "kept in memory until it can be"
+            _log.info(
+                "id={queue_id} queue file not updated ({reason}); kept in memory until it can be",
+                queue_id=queue_id,
+                reason=error.strerror or str(error),
             )
             updated = self.store.load(queue_id)
             apply_all(updated)
@@ -244,7 +249,7 @@ class Scheduler(service.Service):
         d = defer.maybeDeferred(self.deliver, message, recipients)
         d.addCallback(self._record, message, recipients)
         d.addErrback(self._attempt_crashed, message, recipients)
-        d.addErrback(log.err, f"id={message.id} attempt not recorded")
+        d.addErrback(_logged, "id={queue_id} attempt not recorded", message.id)
         d.addBoth(lambda _: self._attempt_done(message.id, destination, addresses))
 
     def _attempt_done(self, queue_id: str, destination: str, addresses: set[str]) -> None:
@@ -269,7 +274,7 @@ class Scheduler(service.Service):
     def _attempt_crashed(self, failure, message: QueuedMessage, recipients) -> None:
         """A bug, not a delivery failure: logged, and retried later like one
         (not at once, which could loop)."""
-        log.err(failure, f"id={message.id} delivery attempt failed unexpectedly")
+        _logged(failure, "id={queue_id} delivery attempt failed unexpectedly", message.id)
         text = f"internal error: {failure.getErrorMessage()}"
         outcomes = [Outcome(r.address, False, False, "4.3.0", text) for r in recipients]
         self._record(outcomes, message, recipients)
@@ -288,7 +293,10 @@ class Scheduler(service.Service):
         try:
             updated = self._change(message.id, change)
         except UnknownMessage:
-            log.msg(f"id={message.id} removed from the queue during a delivery attempt")
+            _log.info(
+                "id={queue_id} removed from the queue during a delivery attempt",
+                queue_id=message.id,
+            )
             return
         for state in updated.recipients:
             if state.address in by_address and state.last_attempt == now:
@@ -341,12 +349,13 @@ class Scheduler(service.Service):
         if failure.check(UnknownMessage):
             return  # deleted meanwhile (``twisted-mta queue delete``)
         if failure.check(OSError, StorageError):
-            log.msg(
-                f"id={queue_id} could not be finished ({failure.getErrorMessage()}); "
-                "trying again later"
+            _log.info(
+                "id={queue_id} could not be finished ({reason}); trying again later",
+                queue_id=queue_id,
+                reason=failure.getErrorMessage(),
             )
         else:
-            log.err(failure, f"id={queue_id} could not be finished; trying again later")
+            _logged(failure, "id={queue_id} could not be finished; trying again later", queue_id)
         heapq.heappush(self._due, (self.clock.seconds() + self.policy.retry_min, queue_id))
         self._wake()
 
@@ -355,10 +364,18 @@ class Scheduler(service.Service):
         try:
             reason = self.store.quarantine(queue_id)
         except OSError as error:
-            log.msg(f"id={queue_id} unreadable envelope could not be set aside: {error}")
+            _log.info(
+                "id={queue_id} unreadable envelope could not be set aside: {error}",
+                queue_id=queue_id,
+                error=str(error),
+            )
             return
         if reason is not None:
-            log.msg(f"id={queue_id} unreadable envelope ({reason}): moved to queue/corrupt/")
+            _log.info(
+                "id={queue_id} unreadable envelope ({reason}): moved to queue/corrupt/",
+                queue_id=queue_id,
+                reason=reason,
+            )
 
     def _needs_delay_warning(self, message: QueuedMessage, now: float) -> bool:
         warning = self.policy.delay_warning
@@ -371,7 +388,7 @@ class Scheduler(service.Service):
         # Marked first: a warning is worth less than never sending two.
         d = defer.maybeDeferred(self._change, message.id, mark)
         d.addCallback(lambda _: self.report(message, message.pending(), "delayed"))
-        d.addErrback(log.err, f"id={message.id} delay warning not sent")
+        d.addErrback(_logged, "id={queue_id} delay warning not sent", message.id)
 
 
 def _apply(
@@ -415,3 +432,8 @@ def _log_attempt(
     maillog.delivery(
         message.id, state.address, state.remote or "none", now - message.arrival, status, detail
     )
+
+
+def _logged(failure: Failure, text: str, queue_id: str) -> None:
+    """A failure that is a bug, with its traceback, for one message."""
+    _log.failure(text, failure, queue_id=queue_id)

@@ -6,8 +6,7 @@ otherwise to the domain's MX hosts in order, each over all of its
 addresses, with opportunistic TLS on ``mx_port``.  A host that cannot be
 reached, or refuses the session, passes the turn to the next one; the
 first that takes the session gives the per-recipient results.  Names are
-resolved through the resolvers :func:`make_resolver` is given (or the
-system's).
+resolved by the resolver it is given (:mod:`twisted_mta.relay.resolver`).
 
 The router takes its own settings, :class:`RouterSettings` (with a
 :class:`SmartHost`): the service builds them from ``[relay]``.
@@ -22,8 +21,6 @@ from pathlib import Path
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.interfaces import IResolver
-from twisted.names import client as dns_client
 
 from twisted_mta.intake.policies import (
     NO_POLICIES,
@@ -63,23 +60,12 @@ class RouterSettings:
     """Through ``smarthost`` if set, else to the MX hosts on ``mx_port``.
 
     ``resolvers`` are the ``(ip, port)`` of the name servers to ask, for
-    :func:`make_resolver`; none means the system's.
+    :func:`~twisted_mta.relay.resolver.make_resolver`; none means the system's.
     """
 
     smarthost: SmartHost | None = None
     mx_port: int = 25
     resolvers: tuple[tuple[str, int], ...] = ()
-
-
-def make_resolver(servers: Sequence[tuple[str, int]]) -> IResolver:
-    """A twisted.names resolver for ``[(ip, port), ...]``, or the system's.
-
-    With servers given, /etc/resolv.conf is not read at all: those servers
-    and /etc/hosts are the only sources.
-    """
-    if not servers:
-        return dns_client.createResolver()
-    return dns_client.createResolver(servers=list(servers), resolvconf=os.devnull)
 
 
 # How long an idle connection is kept for the next message to the same

@@ -18,10 +18,13 @@ from typing import Protocol
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime, ITCPTransport
-from twisted.python import log
+from twisted.logger import Logger
 
 # Above this share of max_connections, the server is under stress.
 STRESS_SHARE = 0.8
+
+_log = Logger()
+
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,12 @@ class ConnectionLimits:
             return
         self.stressed = stressed
         state = "on" if stressed else "off"
-        log.msg(f"stress mode {state}: {self.total} of {self.max_total} connections open")
+        _log.info(
+            "stress mode {state}: {total} of {max_total} connections open",
+            state=state,
+            total=self.total,
+            max_total=self.max_total,
+        )
 
 
 class Drainable(Protocol):
@@ -144,7 +152,7 @@ class Sessions:
         return d.addBoth(_cancel_and_pass, cut)
 
     def _cut_all(self) -> None:
-        log.msg(f"shutdown: {len(self._open)} session(s) did not finish in time, cut")
+        _log.info("shutdown: {count} session(s) did not finish in time, cut", count=len(self._open))
         for server in list(self._open):
             server.transport.abortConnection()
 

@@ -43,12 +43,12 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._info import ProxyInfo
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.python import log
 from zope.interface import directlyProvides, implementer, providedBy
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -59,6 +59,9 @@ _V1_SIGNATURE = V1Parser.PROXYSTR + b" "
 # Signature, version and command, family and transport, length.
 _V2_FIXED_PART = len(V2Parser.PREFIX) + 4
 _V2_VERSION = 0x20
+
+_log = Logger()
+
 
 
 def is_trusted(peer: IAddress, networks: Sequence[Network]) -> bool:
@@ -172,7 +175,7 @@ class ProxyProtocolWrapper(ProtocolWrapper):
     def _refuse(self, reason: str) -> None:
         self._cancel_deadline()
         peer = _host(self.transport.getPeer())
-        log.msg(f"proxy: connection from [{peer}] closed: {reason}")
+        _log.info("proxy: connection from [{peer}] closed: {reason}", peer=peer, reason=reason)
         self.loseConnection()
 
     def _header_timed_out(self) -> None:
@@ -241,7 +244,10 @@ class ProxyWrappingFactory(WrappingFactory):
 
     def buildProtocol(self, addr: IAddress) -> ProxyProtocolWrapper | None:
         if not is_trusted(addr, self.trusted):
-            log.msg(f"proxy: connection from untrusted [{_host(addr)}] refused")
+            _log.info(
+                "proxy: connection from untrusted [{client_ip}] refused",
+                client_ip=_host(addr),
+            )
             return None  # the port closes the socket, nothing is sent
         return super().buildProtocol(addr)
 

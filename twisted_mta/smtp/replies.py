@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import re
 
+from twisted.logger import Logger
 from twisted.mail import smtp
-from twisted.python import log
 from twisted.python.failure import Failure
 
 from twisted_mta.intake.refusal import Refusal
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3} ")
 _LOCAL_ERROR = (451, "4.3.0", "Error: local error in processing")
+
+_log = Logger()
+
 
 
 def failure_reply(failure: Failure) -> tuple[int, str, str]:
@@ -26,7 +29,7 @@ def failure_reply(failure: Failure) -> tuple[int, str, str]:
     if isinstance(error, Refusal):
         return error.code, error.enhanced, error.text
     if not isinstance(error, smtp.SMTPServerError):
-        log.err(failure, "unexpected error in SMTP session")
+        _log.failure("unexpected error in SMTP session", failure)
         return _LOCAL_ERROR
     resp = error.resp
     if isinstance(resp, bytes):

@@ -42,8 +42,8 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory
-from twisted.python import log
 from twisted.python.failure import Failure
 
 from twisted_mta import maillog
@@ -58,6 +58,9 @@ _NEEDS = {
     b"LOGIN": IUsernamePassword,
     b"CRAM-MD5": IUsernameHashedPassword,
 }
+
+_log = Logger()
+
 
 
 def usable_mechanisms(
@@ -241,9 +244,9 @@ class Authenticator:
         if failure.check(UnauthorizedLogin):
             return self._answer_failure()
         if failure.check(DirectoryUnavailable):
-            log.msg(f"auth: {failure.value}; answered 454 4.7.0")
+            _log.info("auth: {reason}; answered 454 4.7.0", reason=str(failure.value))
         else:
-            log.err(failure, "authentication error")
+            _log.failure("authentication error", failure)
         self._host.reply(454, "4.7.0", "Temporary authentication failure")
 
     def _answer_failure(self) -> None:
