@@ -90,6 +90,7 @@ class Daemon:
         kinds = {"smtp", "submission", "submissions"}
         self.wait_for(lambda: kinds <= self.ports.keys() or self.process.poll() is not None)
         if not kinds <= self.ports.keys():
+            self.kill()  # a launcher may still be waiting
             raise RuntimeError("daemon did not start:\n" + "\n".join(self.log[-30:]))
         return self
 
