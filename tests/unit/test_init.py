@@ -71,6 +71,14 @@ def test_role_addresses_go_to_postmaster_and_postmaster_where_asked(tmp_path):
         assert set(directory.resolve(role, "example.org").mailboxes) == {admin}
 
 
+def test_the_first_step_is_the_account_postmaster_goes_to(tmp_path):
+    steps = initialise(plan_in(tmp_path, postmaster="admin@example.org"))
+    assert steps[2].startswith("  1. twisted-mta passwd admin@example.org ")
+    steps = initialise(plan_in(tmp_path / "other"))
+    assert steps[2].startswith("  1. twisted-mta passwd you@example.org ")
+    assert "then point postmaster at it" in steps[2]
+
+
 def test_without_a_postmaster_role_mail_stays_in_the_postmaster_maildir(tmp_path):
     plan = plan_in(tmp_path)
     initialise(plan)

@@ -64,6 +64,14 @@ file = "aliases"
 # Clients that may relay without AUTH; submission always needs AUTH.
 networks = ["127.0.0.0/8", "::1/128"]
 
+[delivery]
+# Dovecot on the same maildirs: the group its mail processes use (README).
+# group = "mailstore"
+
+[metrics]
+# Prometheus text at /metrics and a health check at /healthz.
+# listen = ["tcp:9325:interface=127.0.0.1"]
+
 [plugins]
 # SPF, DKIM and DMARC results on arriving mail; DKIM signatures on mail
 # your users send, once a key exists (twisted-mta dkim keygen {domain}).
@@ -193,14 +201,22 @@ def _aliases(plan: Plan) -> str:
     return ALIASES.format(spool=plan.spool, postmaster=postmaster)
 
 
+def _first_account(plan: Plan) -> str:
+    if plan.postmaster:
+        return f"  1. twisted-mta passwd {plan.postmaster}      (postmaster's mail goes there)"
+    return (
+        f"  1. twisted-mta passwd you@{plan.domain}      (an account; then point"
+        f" postmaster at it in {plan.aliases})"
+    )
+
+
 def _next_steps(plan: Plan) -> list[str]:
     group = grp.getgrgid(pwd.getpwnam(plan.user).pw_gid).gr_name
     return [
         f"wrote {plan.config}, {plan.users} and {plan.aliases}; spool {plan.spool}"
         f" (owned by {plan.user}:{group})",
         "next:",
-        f"  1. twisted-mta passwd you@{plan.domain}      (an account; then point"
-        f" postmaster at it in {plan.aliases})",
+        _first_account(plan),
         f"  2. a certificate for {plan.hostname} in [tls] of {plan.config}",
         f"  3. twisted-mta dkim keygen {plan.domain}     (prints the DKIM record to publish)",
         f"  4. DNS: MX of {plan.domain} -> {plan.hostname}, PTR of its addresses,"
