@@ -5,9 +5,11 @@ import json
 
 from twisted.internet import defer, task
 
+from tests.helpers.queue_worker import BatchingWorker
 from twisted_mta.queue import store as store_module
 from twisted_mta.queue.scheduler import Outcome, Policy, Scheduler
 from twisted_mta.queue.store import QueueStore
+from twisted_mta.queue.writer import QueueWriter
 from twisted_mta.storage.envelope import FAILED, SENT, Envelope
 
 
@@ -18,9 +20,10 @@ def queue(tmp_path, queue_id, recipients, now=0.0, sender="s@example.org"):
 
 
 class Harness:
-    def __init__(self, tmp_path, policy=None):
+    def __init__(self, tmp_path, policy=None, worker=None):
         self.clock = task.Clock()
         self.store = QueueStore(tmp_path)
+        self.worker = worker or BatchingWorker()
         self.calls = []
         self.reports = []
         self.answers = {}
@@ -32,6 +35,7 @@ class Harness:
             destination=lambda address: address.rpartition("@")[2],
             policy=policy or Policy(retry_min=300, retry_max=3600, lifetime=5 * 86400),
             clock=self.clock,
+            writer=QueueWriter(self.store, self.worker),
         )
 
     def start(self):
@@ -167,7 +171,7 @@ def test_results_that_cannot_be_written_keep_their_backoff_in_memory(tmp_path, m
     h = Harness(tmp_path)
     h.answers["a@one.test"] = "451"
 
-    def disk_full(path, data, *args):
+    def disk_full(path, data, *args, **options):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(store_module, "write_atomically", disk_full)
@@ -245,4 +249,96 @@ def test_held_message_bounced_by_the_administrator_is_reported(tmp_path):
     h = Harness(tmp_path)
     h.start()
     assert (h.calls, h.reports) == ([], [("0000000000001AAAA", "failed", ["a@one.test"])])
+    assert h.store.ids() == []
+
+
+# -- the envelope's reads, writes and removals, through the committer's batches
+
+
+def count_calls(monkeypatch, owner, name):
+    """Record the first argument of each call to ``owner.name``."""
+    calls = []
+    real = getattr(owner, name)
+
+    def recording(first, *args, **options):
+        calls.append(first)
+        return real(first, *args, **options)
+
+    monkeypatch.setattr(owner, name, recording)
+    return calls
+
+
+def test_results_are_durable_before_the_bounce_and_the_removal(tmp_path):
+    queue(tmp_path, "0000000000001AAAA", ["bad@one.test", "good@one.test"])
+    worker = BatchingWorker(automatic=False)
+    h = Harness(tmp_path, worker=worker)
+    h.answers["bad@one.test"] = "550"
+    h.start()
+    assert h.calls == []  # the read waits for the worker
+    worker.flush()
+    assert len(h.calls) == 1 and worker.waiting  # tried; its results wait
+    assert h.reports == []
+    worker.flush()
+    assert worker.synced == [str(tmp_path)]
+    states = {r.address: r.state for r in h.store.load("0000000000001AAAA").recipients}
+    assert states == {"bad@one.test": FAILED, "good@one.test": SENT}
+    assert h.reports == [("0000000000001AAAA", "failed", ["bad@one.test"])]
+    assert h.store.ids() == ["0000000000001AAAA"]  # the removal waits in turn
+    worker.flush()
+    assert h.store.ids() == [] and worker.synced == [str(tmp_path)] * 2
+
+
+def test_delivered_message_is_read_once_and_removed_without_a_rewrite(tmp_path, monkeypatch):
+    h = Harness(tmp_path)
+    h.start()
+    queue(tmp_path, "0000000000001AAAA", ["a@one.test", "b@one.test"])
+    loads = count_calls(monkeypatch, QueueStore, "load")
+    writes = count_calls(monkeypatch, store_module, "write_atomically")
+    unlinked = count_calls(monkeypatch, store_module.os, "unlink")
+    h.scheduler.enqueue("0000000000001AAAA")  # as the intake does
+    h.clock.advance(0)
+    # One read for the attempt, one under the lock to record its results.
+    assert len(loads) == 2
+    assert writes == []
+    assert unlinked == [tmp_path / f"0000000000001AAAA.{suffix}" for suffix in ("env", "msg")]
+    assert h.worker.synced == [str(tmp_path)]
+    assert h.store.ids() == [] and h.reports == []
+
+
+def test_results_of_attempts_ending_together_share_one_directory_fsync(tmp_path, monkeypatch):
+    ids = [f"000000000000{n}AAAA" for n in range(5)]
+    for n, queue_id in enumerate(ids):
+        queue(tmp_path, queue_id, [f"x@d{n}.test"])
+    worker = BatchingWorker(automatic=False)
+    h = Harness(tmp_path, worker=worker)
+    for n in range(5):
+        h.answers[f"x@d{n}.test"] = "451"
+    h.start()
+    worker.flush()
+    assert len(h.calls) == 5 and len(worker.waiting) == 5
+    fsyncs = count_calls(monkeypatch, store_module.os, "fsync")
+    worker.flush()
+    assert worker.batches[-1] == 5
+    assert len(fsyncs) == 5 + 1  # each envelope, then the directory once
+    assert worker.synced == [str(tmp_path)]
+    assert all(h.store.load(queue_id).recipients[0].attempts == 1 for queue_id in ids)
+
+
+def test_message_finished_while_it_was_read_is_reported_once(tmp_path):
+    queue(tmp_path, "0000000000001AAAA", ["a@one.test", "b@two.test"])
+    worker = BatchingWorker(automatic=False)
+    h = Harness(tmp_path, worker=worker)
+    h.answers["hold"] = True
+    h.start()
+    worker.flush()
+    h.answers["b@two.test"] = "550"
+    for d, recipients in h.pending:
+        d.callback([h._outcome(r.address) for r in recipients])
+    h.scheduler.rescan()  # as ``twisted-mta queue flush`` asks
+    h.clock.advance(0)
+    assert len(worker.waiting) == 3  # both results, then the rescan's read
+    worker.flush()
+    worker.flush()
+    assert len(h.calls) == 2
+    assert h.reports == [("0000000000001AAAA", "failed", ["b@two.test"])]
     assert h.store.ids() == []
