@@ -342,3 +342,26 @@ def test_message_finished_while_it_was_read_is_reported_once(tmp_path):
     assert len(h.calls) == 2
     assert h.reports == [("0000000000001AAAA", "failed", ["b@two.test"])]
     assert h.store.ids() == []
+
+
+def test_results_not_written_beside_others_that_were_are_not_lost(tmp_path, monkeypatch):
+    queue(tmp_path, "0000000000001AAAA", ["a@one.test", "b@two.test"])
+    worker = BatchingWorker(automatic=False)
+    h = Harness(tmp_path, worker=worker)
+    h.answers["hold"] = True
+    h.start()
+    worker.flush()
+    real, failures = store_module.write_atomically, [OSError(errno.ENOSPC, "No space left")]
+
+    def full_once(path, data, *args, **options):
+        if failures:
+            raise failures.pop()
+        real(path, data, *args, **options)
+
+    monkeypatch.setattr(store_module, "write_atomically", full_once)
+    for d, recipients in h.pending:  # both delivered; the first record fails
+        d.callback([h._outcome(r.address) for r in recipients])
+    while worker.waiting:
+        worker.flush()
+    assert len(h.calls) == 2 and h.reports == []
+    assert h.store.ids() == []

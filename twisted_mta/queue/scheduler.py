@@ -190,7 +190,8 @@ class Scheduler(service.Service):
         # Taken along: a change submitted meanwhile must not apply them again.
         changes = [*self._unwritten.pop(queue_id, ()), change]
         d = self.writer.update(queue_id, _applying(changes))
-        d.addErrback(self._not_written, queue_id, changes)
+        # With what another change that failed meanwhile put back.
+        d.addCallbacks(self._with_unwritten, self._not_written, errbackArgs=(queue_id, changes))
         return d
 
     def _not_written(
