@@ -365,3 +365,25 @@ def test_results_not_written_beside_others_that_were_are_not_lost(tmp_path, monk
         worker.flush()
     assert len(h.calls) == 2 and h.reports == []
     assert h.store.ids() == []
+
+
+def test_results_whose_write_was_reported_failed_but_landed_count_once(tmp_path, monkeypatch):
+    """A failed directory fsync fails the write, which may be on disk all
+    the same: laid over the envelope again, the results count once."""
+    queue(tmp_path, "0000000000001AAAA", ["a@one.test"])
+    h = Harness(tmp_path)
+    h.answers["a@one.test"] = "451"
+    h.start()
+    real_update = QueueWriter.update
+
+    def landed_but_failed(writer, queue_id, change):
+        monkeypatch.setattr(QueueWriter, "update", real_update)  # once
+        d = real_update(writer, queue_id, change)
+        return d.addCallback(lambda _: defer.fail(OSError(errno.EIO, "Input/output error")))
+
+    monkeypatch.setattr(QueueWriter, "update", landed_but_failed)
+    h.clock.advance(300)
+    assert h.store.load("0000000000001AAAA").recipients[0].attempts == 2
+    h.clock.advance(600)  # the backoff of two attempts, not of three
+    assert len(h.calls) == 3
+    assert h.store.load("0000000000001AAAA").recipients[0].attempts == 3

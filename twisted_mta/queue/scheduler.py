@@ -350,7 +350,9 @@ class Scheduler(service.Service):
         def change(current: QueuedMessage) -> None:
             for state in current.recipients:
                 outcome = by_address.get(state.address)
-                if outcome is not None and state.pending:
+                # Applied once only: a write reported as failed (its
+                # directory fsync) may have reached the disk all the same.
+                if outcome is not None and state.pending and state.last_attempt != now:
                     _apply(state, outcome, now, expired, self.policy)
 
         d = self._change(message.id, change)
