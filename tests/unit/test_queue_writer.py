@@ -137,3 +137,10 @@ def test_load_and_remove(tmp_path, reactor, writer):
     assert (message.id, removed) == (IDS[0], None)
     [gone] = reactor.results(writer.load(IDS[0]))
     assert gone.check(UnknownMessage)
+
+
+def test_scan_reads_the_whole_queue_in_the_worker(tmp_path, reactor, writer):
+    (tmp_path / f"{IDS[1]}.env").write_bytes(b"{damaged")
+    [found] = reactor.results(writer.scan())
+    assert [queue_id for queue_id, _ in found] == IDS
+    assert [message is None for _, message in found] == [False, True, False, False]

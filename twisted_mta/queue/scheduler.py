@@ -40,7 +40,7 @@ the message as recorded decides what comes next, without reading it
 again.  The last recipient delivered removes the message in that same
 change; a failed one is reported from the recorded message and only then
 removed.  Reading the whole queue (at start, and when ``twisted-mta
-queue`` asks for it) stays on the reactor thread.
+queue`` asks for it) is one job of that thread too.
 """
 
 from __future__ import annotations
@@ -141,25 +141,24 @@ class Scheduler(service.Service):
 
     def rescan(self) -> None:
         """Schedule every queued message afresh (start, flush, CLI changes)."""
+        d = self.writer.scan()
+        d.addCallback(self._rescanned)
+        d.addErrback(lambda failure: _log.failure("the queue could not be read", failure))
+
+    def _rescanned(self, found: Sequence[tuple[str, QueuedMessage | None]]) -> None:
         self._due = []
-        for queue_id in self.store.ids():
-            message = self._load(queue_id)
-            if message is not None:
-                self._schedule_message(message)
+        now = self.clock.seconds()
+        for queue_id, message in found:
+            if message is None:
+                # Read again when due, which sets a damaged one aside.
+                heapq.heappush(self._due, (now, queue_id))
+            else:
+                self._schedule_message(self._with_unwritten(message))
         self._wake()
 
-    def _load(self, queue_id: str) -> QueuedMessage | None:
-        """The message as we know it, or None if it is gone or was
-        unreadable (moved aside); read on the reactor thread (rescans)."""
-        try:
-            message = self.store.load(queue_id)
-        except (UnknownMessage, CorruptMessage) as error:
-            self._unreadable(queue_id, error)
-            return None
-        return self._with_unwritten(message)
-
     def _read(self, queue_id: str) -> defer.Deferred[QueuedMessage | None]:
-        """``_load`` off the reactor thread."""
+        """The message as we know it, or None if it is gone or was
+        unreadable (moved aside)."""
         d = self.writer.load(queue_id)
         d.addCallback(self._with_unwritten)
         d.addErrback(self._read_failed, queue_id)
@@ -167,10 +166,7 @@ class Scheduler(service.Service):
 
     def _read_failed(self, failure: Failure, queue_id: str) -> None:
         failure.trap(UnknownMessage, CorruptMessage)
-        self._unreadable(queue_id, failure.value)
-
-    def _unreadable(self, queue_id: str, error: Exception) -> None:
-        if isinstance(error, CorruptMessage):
+        if failure.check(CorruptMessage):
             self._quarantine(queue_id)
         else:
             self._unwritten.pop(queue_id, None)

@@ -17,8 +17,8 @@ from typing import Protocol, TypeVar
 
 from twisted.internet import defer
 
-from twisted_mta.queue.store import QueueStore
-from twisted_mta.storage.envelope import QueuedMessage
+from twisted_mta.queue.store import CorruptMessage, QueueStore
+from twisted_mta.storage.envelope import QueuedMessage, UnknownMessage
 
 T = TypeVar("T")
 
@@ -31,12 +31,29 @@ class Worker(Protocol):
 
 @dataclass(frozen=True)
 class QueueWriter:
+    """``store``'s daemon-side operations, each a job of ``worker``."""
+
     store: QueueStore
     worker: Worker
 
     def load(self, queue_id: str) -> defer.Deferred[QueuedMessage]:
         """The envelope as it is on disk (UnknownMessage, CorruptMessage)."""
         return self.worker.call(lambda: (self.store.load(queue_id), ()))
+
+    def scan(self) -> defer.Deferred[list[tuple[str, QueuedMessage | None]]]:
+        """Every queued message, oldest first, with its envelope, or None
+        where it could not be read (gone meanwhile, or damaged)."""
+
+        def work() -> tuple[list[tuple[str, QueuedMessage | None]], Collection[str]]:
+            return [(queue_id, self._readable(queue_id)) for queue_id in self.store.ids()], ()
+
+        return self.worker.call(work)
+
+    def _readable(self, queue_id: str) -> QueuedMessage | None:
+        try:
+            return self.store.load(queue_id)
+        except (UnknownMessage, CorruptMessage):
+            return None
 
     def update(
         self, queue_id: str, change: Callable[[QueuedMessage], None]
