@@ -2,14 +2,17 @@
 
 import errno
 import json
+import threading
 
 from twisted.internet import defer, task
 
 from tests.helpers.queue_worker import BatchingWorker
+from tests.helpers.threads import TIMEOUT, ThreadReactor
 from twisted_mta.queue import store as store_module
 from twisted_mta.queue.scheduler import Outcome, Policy, Scheduler
 from twisted_mta.queue.store import QueueStore
 from twisted_mta.queue.writer import QueueWriter
+from twisted_mta.storage.committer import Committer
 from twisted_mta.storage.envelope import FAILED, SENT, Envelope
 
 
@@ -389,3 +392,32 @@ def test_results_whose_write_was_reported_failed_but_landed_count_once(tmp_path,
     h.clock.advance(600)  # the backoff of two attempts, not of three
     assert len(h.calls) == 3
     assert h.store.load("0000000000001AAAA").recipients[0].attempts == 3
+
+
+def test_envelopes_are_read_written_and_removed_only_in_the_committer_thread(
+    tmp_path, monkeypatch
+):
+    threads = set()
+    for name in ("ids", "load", "update", "remove"):
+        real = getattr(QueueStore, name)
+
+        def on_thread(store, *args, real=real, **options):
+            threads.add(threading.current_thread().name)
+            return real(store, *args, **options)
+
+        monkeypatch.setattr(QueueStore, name, on_thread)
+    reactor = ThreadReactor()
+    committer = Committer(reactor)
+    try:
+        queue(tmp_path, "0000000000001AAAA", ["bad@one.test", "good@two.test"])
+        h = Harness(tmp_path, worker=committer)
+        h.answers["bad@one.test"] = "550"
+        h.scheduler.startService()
+        while not h.reports or (tmp_path / "0000000000001AAAA.env").exists():
+            function, args = reactor.calls.get(timeout=TIMEOUT)
+            function(*args)
+            h.clock.advance(0)
+    finally:
+        committer.stop()
+    assert h.reports == [("0000000000001AAAA", "failed", ["bad@one.test"])]
+    assert threads == {"twisted-mta-committer"}
