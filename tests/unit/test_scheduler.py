@@ -421,3 +421,42 @@ def test_envelopes_are_read_written_and_removed_only_in_the_committer_thread(
         committer.stop()
     assert h.reports == [("0000000000001AAAA", "failed", ["bad@one.test"])]
     assert threads == {"twisted-mta-committer"}
+
+
+def test_messages_waiting_for_a_slot_are_read_once_more_each(tmp_path, monkeypatch):
+    """A backlog to one destination: when an attempt ends, one waiting
+    message is read again for its slot, not every one of them."""
+    h = Harness(tmp_path)
+    h.answers["hold"] = True
+    h.start()
+    ids = [f"{n:013X}AAAA" for n in range(30)]
+    loads = count_calls(monkeypatch, QueueStore, "load")
+    for queue_id in ids:
+        queue(tmp_path, queue_id, [f"{queue_id}@one.test"])
+        h.scheduler.enqueue(queue_id)
+    h.clock.advance(0)
+    assert len(h.pending) == 5
+    while h.pending:
+        d, recipients = h.pending.pop(0)
+        d.callback([h._outcome(r.address) for r in recipients])
+        h.clock.advance(0)
+    assert h.store.ids() == [] and len(h.calls) == 30
+    # Read to plan, read again when released (all but the first five), and
+    # read under the lock to record.
+    assert len(loads) == 30 + 25 + 30
+    assert [c[1] for c in h.calls] == ids  # the longest waiting first
+
+
+def test_a_released_message_that_needs_no_slot_passes_it_on(tmp_path):
+    ids = [f"{n:013X}AAAA" for n in range(7)]
+    for queue_id in ids:
+        queue(tmp_path, queue_id, [f"{queue_id}@one.test"])
+    h = Harness(tmp_path)
+    h.answers["hold"] = True
+    h.start()
+    assert len(h.pending) == 5
+    h.store.remove(ids[5])  # ``twisted-mta queue delete`` while it waits
+    d, recipients = h.pending.pop(0)
+    d.callback([h._outcome(r.address) for r in recipients])
+    assert [c[1] for c in h.calls][5:] == [ids[6]]
+    assert len(h.pending) == 5

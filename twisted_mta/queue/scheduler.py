@@ -5,8 +5,11 @@ timer for the earliest of them: nothing polls.  A due message's pending
 recipients are grouped by destination (their domain, or the smart host),
 each group is one delivery attempt, and at most ``max_concurrent`` attempts
 run at once (``per_destination`` to one destination), however many
-destinations one message has.  What waits for a slot starts as soon as an
-attempt ends; at the limit nothing runs but the attempts (no busy loop).
+destinations one message has.  A message that waits for a slot is read
+again when one frees where it waits (its destination, or any slot), one
+message per free slot, the longest waiting first; at the limit nothing
+runs but the attempts (no busy loop, and no reading of every waiting
+message each time an attempt ends).
 A recipient is never in two attempts at once.  After an attempt:
 
 * delivered recipients are ``sent``;
@@ -116,8 +119,13 @@ class Scheduler(service.Service):
     _in_flight: dict[str, set[str]] = field(default_factory=dict)
     # Messages being reported and removed: not to be looked at meanwhile.
     _finishing: set[str] = field(default_factory=set)
-    # Messages with recipients waiting for a free slot.
-    _blocked: set[str] = field(default_factory=set)
+    # Messages waiting for a slot, by destination (None: for any slot, all
+    # attempts being at their limit), the longest waiting first.
+    _waiting: dict[str | None, dict[str, None]] = field(default_factory=dict)
+    # Waiting messages released for a destination's slot, which they hold
+    # while they are read again: message -> destination, and their count.
+    _released: dict[str, str] = field(default_factory=dict)
+    _reserved: Counter = field(default_factory=Counter)
     # Messages being read for an attempt: each holds a slot meanwhile.
     _loading: set[str] = field(default_factory=set)
     # Each message as its last attempt recorded it, None once removed: what
@@ -251,10 +259,14 @@ class Scheduler(service.Service):
         d.addBoth(self._read_done, queue_id)
         d.addCallback(self._start_attempts)
         d.addErrback(self._not_read, queue_id)
-        d.addBoth(lambda _: self._wake())
+        # A released message that did not take its slot passes it on.
+        d.addBoth(lambda _: self._unblock())
 
     def _read_done(self, result: object, queue_id: str) -> object:
         self._loading.discard(queue_id)
+        destination = self._released.pop(queue_id, None)
+        if destination is not None:
+            self._reserved[destination] -= 1
         return result
 
     def _not_read(self, failure: Failure, queue_id: str) -> None:
@@ -288,11 +300,12 @@ class Scheduler(service.Service):
         capacity = self.policy.max_concurrent - self._busy()
         startable = {}
         for destination, recipients in groups.items():
-            free = self._running[destination] < self.policy.per_destination
-            if free and len(startable) < capacity:
+            if not self._has_slot(destination):
+                self._wait(queue_id, destination)
+            elif len(startable) >= capacity:
+                self._wait(queue_id, None)
+            else:
                 startable[destination] = recipients
-        if len(startable) < len(groups):
-            self._blocked.add(queue_id)
         for destination, recipients in startable.items():
             self._attempt(message, destination, recipients)
 
@@ -317,14 +330,37 @@ class Scheduler(service.Service):
             self._finished(queue_id)
         self._unblock()
 
+    def _has_slot(self, destination: str) -> bool:
+        taken = self._running[destination] + self._reserved[destination]
+        return taken < self.policy.per_destination
+
+    def _wait(self, queue_id: str, destination: str | None) -> None:
+        self._waiting.setdefault(destination, {})[queue_id] = None
+
     def _unblock(self) -> None:
-        """A slot is free: what waited for one is due now."""
-        if self._blocked:
-            now = self.clock.seconds()
-            for queue_id in self._blocked:
-                heapq.heappush(self._due, (now, queue_id))
-            self._blocked.clear()
+        """Slots are free: as many waiting messages are read again."""
+        for destination in list(self._waiting):
+            waiting = self._waiting.get(destination, {})
+            while waiting and self._slot_free(destination):
+                self._release(next(iter(waiting)), destination)
+            if not self._waiting.get(destination, True):
+                del self._waiting[destination]
         self._wake()
+
+    def _slot_free(self, destination: str | None) -> bool:
+        if self._busy() >= self.policy.max_concurrent:
+            return False
+        return destination is None or self._has_slot(destination)
+
+    def _release(self, queue_id: str, destination: str | None) -> None:
+        for waiting in self._waiting.values():
+            waiting.pop(queue_id, None)
+        if queue_id in self._loading or queue_id in self._finishing:
+            return  # already being read (it waits again if it must), or done
+        if destination is not None:
+            self._released[queue_id] = destination
+            self._reserved[destination] += 1
+        self._process(queue_id)
 
     def _attempt_crashed(
         self, failure, message: QueuedMessage, recipients
