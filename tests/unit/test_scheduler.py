@@ -460,3 +460,29 @@ def test_a_released_message_that_needs_no_slot_passes_it_on(tmp_path):
     d.callback([h._outcome(r.address) for r in recipients])
     assert [c[1] for c in h.calls][5:] == [ids[6]]
     assert len(h.pending) == 5
+
+
+def test_a_backlog_through_the_committer_thread_is_tried_once_each_within_limits(tmp_path):
+    ids = [f"{n:013X}AAAA" for n in range(40)]
+    for queue_id in ids:
+        queue(tmp_path, queue_id, [f"{queue_id}@one.test"])
+    reactor = ThreadReactor()
+    committer = Committer(reactor)
+    h = Harness(tmp_path, worker=committer)
+    h.answers["hold"] = True
+    most = 0
+    try:
+        h.scheduler.startService()
+        while h.store.ids() or h.pending:
+            most = max(most, len(h.pending))
+            if h.pending:  # answer one attempt at a time, as they come
+                d, recipients = h.pending.pop(0)
+                d.callback([h._outcome(r.address) for r in recipients])
+            else:
+                function, args = reactor.calls.get(timeout=TIMEOUT)
+                function(*args)
+            h.clock.advance(0)
+    finally:
+        committer.stop()
+    assert sorted(c[1] for c in h.calls) == ids
+    assert most == 5

@@ -311,6 +311,8 @@ class Scheduler(service.Service):
 
     def _attempt(self, message: QueuedMessage, destination: str, recipients) -> None:
         addresses = {r.address for r in recipients}
+        # Tried by another way (a rescan): no longer waiting there.
+        self._waiting.get(destination, {}).pop(message.id, None)
         self._in_flight.setdefault(message.id, set()).update(addresses)
         self._running[destination] += 1
         self._total += 1
