@@ -41,4 +41,7 @@ class BatchingWorker:
             self.synced.append(directory)
         self.batches.append(len(batch))
         for d, result, _ in done:
-            d.callback(result) if not isinstance(result, Failure) else d.errback(result)
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
