@@ -30,10 +30,10 @@ def write_atomically(
     The data goes to a new hidden name beside ``path`` (never an existing
     file or link: the folder may be writable by others), is fsynced,
     renamed over ``path``, and the directory is fsynced, unless the caller
-    does that itself (``sync_directory`` false: once for several files).  The file gets
-    exactly ``mode``, whatever the umask, and ``owner`` (uid, gid) when it
-    is not ours already: root editing a file the daemon reads must leave it
-    the daemon's.
+    does that itself (``sync_directory`` false: once for several files).
+    The file gets exactly ``mode``, whatever the umask, and ``owner`` (uid,
+    gid) when it is not ours already: root editing a file the daemon reads
+    must leave it the daemon's.
     """
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
