@@ -45,6 +45,7 @@ from twisted_mta.queue.bounces import dsn_reporter
 from twisted_mta.queue.flush import FlushListener
 from twisted_mta.queue.scheduler import Policy, Scheduler
 from twisted_mta.queue.store import CorruptMessage, QueueStore
+from twisted_mta.queue.writer import QueueWriter
 from twisted_mta.relay.outgoing import Timeouts
 from twisted_mta.relay.resolver import make_resolver
 from twisted_mta.relay.router import Router, RouterSettings, SmartHost
@@ -177,6 +178,7 @@ class MTAService(service.MultiService):
             self.router.destination,
             _queue_policy(config),
             reactor,
+            QueueWriter(self.store, self.committer),
         )
         self.scheduler.policies = intake.system.policies
         self.scheduler.setServiceParent(self.queue)

@@ -850,6 +850,43 @@ def test_sigkill_after_some_recipients_were_sent_never_resends_to_them(start_mta
         assert not attempts(daemon, queue_id, fast, "sent")[1:]
 
 
+def delivered_markers(server: CaptureServer) -> set[str]:
+    """The markers of the messages ``server`` accepted."""
+    found = (re.search(rb"Subject: relay test (\S+)", t.message) for t in accepted(server))
+    return {match.group(1).decode() for match in found if match}
+
+
+def accepted(server: CaptureServer) -> list[Transaction]:
+    return [t for t in server.transactions if t.reply.startswith("250")]
+
+
+def test_sigkill_while_relaying_a_stream_then_restart_loses_nothing(start_mta, tmp_path):
+    """Killed while it takes messages in and relays others, the daemon
+    relays every acknowledged message after a restart: at least once, as
+    SMTP allows for one whose result was not yet recorded."""
+    with CaptureServer(Behaviour(), host=PLAIN_MX) as server:
+        daemon = smarthost_daemon(start_mta, tmp_path, server, smarthost_tls="none")
+        acknowledged = []
+        with daemon.smtp() as client:
+            client.ehlo("client.example.org")
+            for n in range(400):
+                client.mail(SENDER)
+                client.rcpt(f"friend{n}@remote.example")
+                code, text = client.data(message(f"stream-{n}"))
+                assert code == 250, text
+                acknowledged.append(f"stream-{n}")
+                if len(accepted(server)) >= 30:
+                    break
+        daemon.kill()
+        assert len(accepted(server)) >= 30, "the relay never got going"
+        daemon.start()
+        wait_queue_empty(daemon)
+        wait_until(
+            lambda: delivered_markers(server) >= set(acknowledged),
+            what="every acknowledged message at the smart host",
+        )
+
+
 BUSY = "421 4.3.2 busy, come back later"
 
 

@@ -166,3 +166,50 @@ def test_worker_starts_again_after_stop(tmp_path, reactor, committer):
     committer.stop()
     reactor.results(committer.commit([written(tmp_path, "after", b"")]))
     assert files_in(tmp_path) == ["new/after", "new/before"]
+
+
+def test_calls_share_the_batch_and_its_directory_fsyncs(
+    tmp_path, reactor, committer, directory_syncs
+):
+    """Jobs that wait behind a busy worker run as one batch with the commits
+    that waited too; a directory several of them changed is fsynced once,
+    before any of them is reported."""
+    busy, release = threading.Event(), threading.Event()
+    blocker = written(tmp_path / "c", "blocker", b"")
+    blocker.prepare = lambda: (busy.set(), release.wait(TIMEOUT))
+    first = committer.commit([blocker])
+    assert busy.wait(TIMEOUT)
+    changed = str(tmp_path / "a" / "new")
+    jobs = [committer.call(lambda n=n: (n, [changed])) for n in range(3)]
+    reader = committer.call(lambda: ("read", ()))
+    arriving = committer.commit([written(tmp_path / "a", "m", b"m")])
+    synced_when_reported: list[list[str]] = []
+    jobs[0].addCallback(lambda n: synced_when_reported.append(list(directory_syncs)) or n)
+    release.set()
+    assert reactor.results(first, *jobs, reader, arriving) == [None, 0, 1, 2, "read", None]
+    assert reactor.reports == 2  # the blocker, then all that waited
+    assert sorted(directory_syncs) == sorted([str(tmp_path / "c" / "new"), changed])
+    assert synced_when_reported == [directory_syncs]
+
+
+def test_failing_call_fails_alone(tmp_path, reactor, committer):
+    def disk_full() -> tuple[None, list[str]]:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    failed, ok = reactor.results(committer.call(disk_full), committer.call(lambda: (1, ())))
+    assert failed.value.errno == errno.ENOSPC and ok == 1
+
+
+def test_failed_directory_fsync_fails_the_calls_that_changed_it(
+    tmp_path, reactor, committer, monkeypatch
+):
+    broken = str(tmp_path / "broken")
+
+    def fsync(path: str) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(committer_module, "fsync_directory", fsync)
+    failed, untouched = reactor.results(
+        committer.call(lambda: (1, [broken])), committer.call(lambda: (2, ()))
+    )
+    assert failed.value.errno == errno.EIO and untouched == 2

@@ -5,8 +5,11 @@ timer for the earliest of them: nothing polls.  A due message's pending
 recipients are grouped by destination (their domain, or the smart host),
 each group is one delivery attempt, and at most ``max_concurrent`` attempts
 run at once (``per_destination`` to one destination), however many
-destinations one message has.  What waits for a slot starts as soon as an
-attempt ends; at the limit nothing runs but the attempts (no busy loop).
+destinations one message has.  A message that waits for a slot is read
+again when one frees where it waits (its destination, or any slot), one
+message per free slot, the longest waiting first; at the limit nothing
+runs but the attempts (no busy loop, and no reading of every waiting
+message each time an attempt ends).
 A recipient is never in two attempts at once.  After an attempt:
 
 * delivered recipients are ``sent``;
@@ -31,6 +34,16 @@ arrival time like any other.
 An attempt's results that cannot be written (a full disk) are kept in
 memory and laid over the envelope each time it is read, so the backoff
 holds; they are written with the message's next change.
+
+Envelopes are read, changed and removed off the reactor thread, through
+the :class:`~twisted_mta.queue.writer.QueueWriter`: an attempt reads its
+message once, its results are recorded (read, changed and written under
+the queue lock) and durable before the attempt counts as finished, and
+the message as recorded decides what comes next, without reading it
+again.  The last recipient delivered removes the message in that same
+change; a failed one is reported from the recorded message and only then
+removed.  Reading the whole queue (at start, and when ``twisted-mta
+queue`` asks for it) is one job of that thread too.
 """
 
 from __future__ import annotations
@@ -49,7 +62,8 @@ from twisted_mta import maillog
 from twisted_mta.intake.policies import NO_POLICIES, PolicyChain
 from twisted_mta.intake.spool import StorageError
 from twisted_mta.interfaces import DeliveryResult, EnvelopeInfo
-from twisted_mta.queue.store import CorruptMessage, QueueStore
+from twisted_mta.queue.store import CorruptMessage, QueueStore, delivered
+from twisted_mta.queue.writer import QueueWriter
 from twisted_mta.storage.envelope import FAILED, SENT, QueuedMessage, RecipientState, UnknownMessage
 
 EXPIRED_STATUS = "4.4.7"
@@ -98,14 +112,25 @@ class Scheduler(service.Service):
     destination: Callable[[str], str]
     policy: Policy
     clock: object
+    writer: QueueWriter
     _due: list[tuple[float, str]] = field(default_factory=list)
     _timer: object = None
     # Recipients of each message being attempted now: never twice at once.
     _in_flight: dict[str, set[str]] = field(default_factory=dict)
     # Messages being reported and removed: not to be looked at meanwhile.
     _finishing: set[str] = field(default_factory=set)
-    # Messages with recipients waiting for a free slot.
-    _blocked: set[str] = field(default_factory=set)
+    # Messages waiting for a slot, by destination (None: for any slot, all
+    # attempts being at their limit), the longest waiting first.
+    _waiting: dict[str | None, dict[str, None]] = field(default_factory=dict)
+    # Waiting messages released for a destination's slot, which they hold
+    # while they are read again: message -> destination, and their count.
+    _released: dict[str, str] = field(default_factory=dict)
+    _reserved: Counter = field(default_factory=Counter)
+    # Messages being read for an attempt: each holds a slot meanwhile.
+    _loading: set[str] = field(default_factory=set)
+    # Each message as its last attempt recorded it, None once removed: what
+    # decides what comes next when its attempts are over.
+    _last_recorded: dict[str, QueuedMessage | None] = field(default_factory=dict)
     _running: Counter = field(default_factory=Counter)
     _total: int = 0
     # Changes to envelopes not yet on disk (ENOSPC): id -> changes, in order.
@@ -124,57 +149,66 @@ class Scheduler(service.Service):
 
     def rescan(self) -> None:
         """Schedule every queued message afresh (start, flush, CLI changes)."""
+        d = self.writer.scan()
+        d.addCallback(self._rescanned)
+        d.addErrback(lambda failure: _log.failure("the queue could not be read", failure))
+
+    def _rescanned(self, found: Sequence[tuple[str, QueuedMessage | None]]) -> None:
         self._due = []
-        for queue_id in self.store.ids():
-            message = self._load(queue_id)
-            if message is not None:
-                self._schedule_message(message)
+        now = self.clock.seconds()
+        for queue_id, message in found:
+            if message is None:
+                # Read again when due, which sets a damaged one aside.
+                heapq.heappush(self._due, (now, queue_id))
+            else:
+                self._schedule_message(self._with_unwritten(message))
         self._wake()
 
-    def _load(self, queue_id: str) -> QueuedMessage | None:
+    def _read(self, queue_id: str) -> defer.Deferred[QueuedMessage | None]:
         """The message as we know it, or None if it is gone or was
         unreadable (moved aside)."""
-        try:
-            message = self.store.load(queue_id)
-        except UnknownMessage:
-            self._unwritten.pop(queue_id, None)
-            return None
-        except CorruptMessage:
+        d = self.writer.load(queue_id)
+        d.addCallback(self._with_unwritten)
+        d.addErrback(self._read_failed, queue_id)
+        return d
+
+    def _read_failed(self, failure: Failure, queue_id: str) -> None:
+        failure.trap(UnknownMessage, CorruptMessage)
+        if failure.check(CorruptMessage):
             self._quarantine(queue_id)
-            return None
-        for change in self._unwritten.get(queue_id, ()):
+        else:
+            self._unwritten.pop(queue_id, None)
+
+    def _with_unwritten(self, message: QueuedMessage) -> QueuedMessage:
+        for change in self._unwritten.get(message.id, ()):
             change(message)
         return message
 
-    def _change(self, queue_id: str, change: Change) -> QueuedMessage:
+    def _change(self, queue_id: str, change: Change) -> defer.Deferred[QueuedMessage | None]:
         """Apply ``change`` to the envelope on disk, with any changes still
-        waiting to be written; if the disk refuses, keep them in memory.
+        waiting to be written; if the disk refuses, keep them in memory and
+        fire with the message as it would be.
 
-        Raises UnknownMessage if the message is gone.
+        Fails with UnknownMessage if the message is gone.
         """
-        changes = [*self._unwritten.get(queue_id, ()), change]
+        # Taken along: a change submitted meanwhile must not apply them again.
+        changes = [*self._unwritten.pop(queue_id, ()), change]
+        d = self.writer.update(queue_id, _applying(changes))
+        # With what another change that failed meanwhile put back.
+        d.addCallbacks(self._with_unwritten, self._not_written, errbackArgs=(queue_id, changes))
+        return d
 
-        def apply_all(message: QueuedMessage) -> None:
-            for each in changes:
-                each(message)
-
-        try:
-            updated = self.store.update(queue_id, apply_all)
-        except UnknownMessage:
-            self._unwritten.pop(queue_id, None)
-            raise
-        except OSError as error:
-            self._unwritten[queue_id] = changes
-            _log.info(
-                "id={queue_id} queue file not updated ({reason}); kept in memory until it can be",
-                queue_id=queue_id,
-                reason=error.strerror or str(error),
-            )
-            updated = self.store.load(queue_id)
-            apply_all(updated)
-            return updated
-        self._unwritten.pop(queue_id, None)
-        return updated
+    def _not_written(
+        self, failure: Failure, queue_id: str, changes: list[Change]
+    ) -> defer.Deferred[QueuedMessage | None]:
+        failure.trap(OSError)
+        self._unwritten[queue_id] = [*changes, *self._unwritten.get(queue_id, ())]
+        _log.info(
+            "id={queue_id} queue file not updated ({reason}); kept in memory until it can be",
+            queue_id=queue_id,
+            reason=failure.value.strerror or str(failure.value),
+        )
+        return self._read(queue_id)
 
     def enqueue(self, queue_id: str) -> None:
         """A new message was accepted: try it now."""
@@ -198,17 +232,17 @@ class Scheduler(service.Service):
         self._timer = None
         if self._due:
             delay = max(self._due[0][0] - self.clock.seconds(), 0.0)
-            if delay == 0 and self._total >= self.policy.max_concurrent:
-                return  # the next attempt to finish wakes us
+            if delay == 0 and self._busy() >= self.policy.max_concurrent:
+                return  # the next attempt or read to finish wakes us
             self._timer = self.clock.callLater(delay, self._run_due)
 
     def _run_due(self) -> None:
         self._timer = None
         now = self.clock.seconds()
         seen: set[str] = set()
-        while self._due and self._due[0][0] <= now and self._total < self.policy.max_concurrent:
+        while self._due and self._due[0][0] <= now and self._busy() < self.policy.max_concurrent:
             _, queue_id = heapq.heappop(self._due)
-            if queue_id in seen:
+            if queue_id in seen or queue_id in self._loading:
                 # Already handled in this round: look again a little later.
                 heapq.heappush(self._due, (now + 1.0, queue_id))
             elif queue_id not in self._finishing:
@@ -216,10 +250,43 @@ class Scheduler(service.Service):
                 self._process(queue_id)
         self._wake()
 
+    def _busy(self) -> int:
+        return self._total + len(self._loading)
+
     def _process(self, queue_id: str) -> None:
-        message = self._load(queue_id)
-        if message is None or (message.held and message.pending()):
+        self._loading.add(queue_id)
+        d = self._read(queue_id)
+        d.addBoth(self._read_done, queue_id)
+        d.addCallback(self._start_attempts)
+        d.addErrback(self._not_read, queue_id)
+        # A released message that did not take its slot passes it on.
+        d.addBoth(lambda _: self._unblock())
+
+    def _read_done(self, result: object, queue_id: str) -> object:
+        self._loading.discard(queue_id)
+        destination = self._released.pop(queue_id, None)
+        if destination is not None:
+            self._reserved[destination] -= 1
+        return result
+
+    def _not_read(self, failure: Failure, queue_id: str) -> None:
+        """The envelope could not be read (an I/O error): try again later."""
+        if failure.check(OSError):
+            _log.info(
+                "id={queue_id} queue file not read ({reason}); trying again later",
+                queue_id=queue_id,
+                reason=failure.getErrorMessage(),
+            )
+        else:
+            _logged(failure, "id={queue_id} not tried; trying again later", queue_id)
+        self._due_later(queue_id)
+
+    def _start_attempts(self, message: QueuedMessage | None) -> None:
+        if not self.running or message is None or (message.held and message.pending()):
             return
+        if message.id in self._finishing:
+            return  # its last attempt ended while it was being read
+        queue_id = message.id
         now = self.clock.seconds()
         flying = self._in_flight.get(queue_id, set())
         due = [r for r in message.pending() if r.next_attempt <= now and r.address not in flying]
@@ -230,19 +297,22 @@ class Scheduler(service.Service):
         groups: dict[str, list[RecipientState]] = {}
         for recipient in due:
             groups.setdefault(self.destination(recipient.address), []).append(recipient)
-        capacity = self.policy.max_concurrent - self._total
+        capacity = self.policy.max_concurrent - self._busy()
         startable = {}
         for destination, recipients in groups.items():
-            free = self._running[destination] < self.policy.per_destination
-            if free and len(startable) < capacity:
+            if not self._has_slot(destination):
+                self._wait(queue_id, destination)
+            elif len(startable) >= capacity:
+                self._wait(queue_id, None)
+            else:
                 startable[destination] = recipients
-        if len(startable) < len(groups):
-            self._blocked.add(queue_id)
         for destination, recipients in startable.items():
             self._attempt(message, destination, recipients)
 
     def _attempt(self, message: QueuedMessage, destination: str, recipients) -> None:
         addresses = {r.address for r in recipients}
+        # Tried by another way (a rescan): no longer waiting there.
+        self._waiting.get(destination, {}).pop(message.id, None)
         self._in_flight.setdefault(message.id, set()).update(addresses)
         self._running[destination] += 1
         self._total += 1
@@ -262,24 +332,51 @@ class Scheduler(service.Service):
             self._finished(queue_id)
         self._unblock()
 
+    def _has_slot(self, destination: str) -> bool:
+        taken = self._running[destination] + self._reserved[destination]
+        return taken < self.policy.per_destination
+
+    def _wait(self, queue_id: str, destination: str | None) -> None:
+        self._waiting.setdefault(destination, {})[queue_id] = None
+
     def _unblock(self) -> None:
-        """A slot is free: what waited for one is due now."""
-        if self._blocked:
-            now = self.clock.seconds()
-            for queue_id in self._blocked:
-                heapq.heappush(self._due, (now, queue_id))
-            self._blocked.clear()
+        """Slots are free: as many waiting messages are read again."""
+        for destination in list(self._waiting):
+            waiting = self._waiting.get(destination, {})
+            while waiting and self._slot_free(destination):
+                self._release(next(iter(waiting)), destination)
+            if not self._waiting.get(destination, True):
+                del self._waiting[destination]
         self._wake()
 
-    def _attempt_crashed(self, failure, message: QueuedMessage, recipients) -> None:
+    def _slot_free(self, destination: str | None) -> bool:
+        if self._busy() >= self.policy.max_concurrent:
+            return False
+        return destination is None or self._has_slot(destination)
+
+    def _release(self, queue_id: str, destination: str | None) -> None:
+        for waiting in self._waiting.values():
+            waiting.pop(queue_id, None)
+        if queue_id in self._loading or queue_id in self._finishing:
+            return  # already being read (it waits again if it must), or done
+        if destination is not None:
+            self._released[queue_id] = destination
+            self._reserved[destination] += 1
+        self._process(queue_id)
+
+    def _attempt_crashed(
+        self, failure, message: QueuedMessage, recipients
+    ) -> defer.Deferred[None]:
         """A bug, not a delivery failure: logged, and retried later like one
         (not at once, which could loop)."""
         _logged(failure, "id={queue_id} delivery attempt failed unexpectedly", message.id)
         text = f"internal error: {failure.getErrorMessage()}"
         outcomes = [Outcome(r.address, False, False, "4.3.0", text) for r in recipients]
-        self._record(outcomes, message, recipients)
+        return self._record(outcomes, message, recipients)
 
-    def _record(self, outcomes: Sequence[Outcome], message: QueuedMessage, recipients) -> None:
+    def _record(
+        self, outcomes: Sequence[Outcome], message: QueuedMessage, recipients
+    ) -> defer.Deferred[None]:
         now = self.clock.seconds()
         by_address = {o.address: o for o in outcomes}
         expired = now - message.arrival >= self.policy.lifetime
@@ -287,17 +384,33 @@ class Scheduler(service.Service):
         def change(current: QueuedMessage) -> None:
             for state in current.recipients:
                 outcome = by_address.get(state.address)
-                if outcome is not None and state.pending:
+                # Applied once only: a write reported as failed (its
+                # directory fsync) may have reached the disk all the same.
+                if outcome is not None and state.pending and state.last_attempt != now:
                     _apply(state, outcome, now, expired, self.policy)
 
-        try:
-            updated = self._change(message.id, change)
-        except UnknownMessage:
+        d = self._change(message.id, change)
+        d.addErrback(_gone_meanwhile)
+        d.addCallback(self._recorded, message.id, by_address, now)
+        return d
+
+    def _recorded(
+        self,
+        updated: QueuedMessage | None,
+        queue_id: str,
+        by_address: dict[str, Outcome],
+        now: float,
+    ) -> None:
+        if updated is None:
             _log.info(
                 "id={queue_id} removed from the queue during a delivery attempt",
-                queue_id=message.id,
+                queue_id=queue_id,
             )
+            self._last_recorded[queue_id] = None
             return
+        # Delivered to all and written: the store removed it (``delivered``).
+        gone = delivered(updated) and queue_id not in self._unwritten
+        self._last_recorded[queue_id] = None if gone else updated
         for state in updated.recipients:
             if state.address in by_address and state.last_attempt == now:
                 _log_attempt(updated, state, by_address[state.address], now)
@@ -313,10 +426,17 @@ class Scheduler(service.Service):
         self.policies.run("delivered", envelope_info(message), state.address, result)
 
     def _finished(self, queue_id: str) -> None:
-        message = self._load(queue_id)
-        if message is None:
+        if queue_id in self._last_recorded:
+            self._finish(self._last_recorded.pop(queue_id))
             return
-        self._after_attempts(message)
+        # The results were not recorded (a bug, logged): as the disk has it.
+        d = self._read(queue_id)
+        d.addCallback(self._finish)
+        d.addErrback(self._not_read, queue_id)
+
+    def _finish(self, message: QueuedMessage | None) -> None:
+        if message is not None:
+            self._after_attempts(message)
         self._wake()
 
     def _after_attempts(self, message: QueuedMessage) -> None:
@@ -340,9 +460,10 @@ class Scheduler(service.Service):
         d.addErrback(self._not_finished, message.id)
         d.addBoth(lambda _: self._finishing.discard(message.id))
 
-    def _remove(self, queue_id: str) -> None:
-        self.store.remove(queue_id)
-        self._unwritten.pop(queue_id, None)
+    def _remove(self, queue_id: str) -> defer.Deferred[None]:
+        d = self.writer.remove(queue_id)
+        d.addCallback(lambda _: self._unwritten.pop(queue_id, None))
+        return d
 
     def _not_finished(self, failure, queue_id: str) -> None:
         """The report or the removal failed: try again later."""
@@ -356,6 +477,9 @@ class Scheduler(service.Service):
             )
         else:
             _logged(failure, "id={queue_id} could not be finished; trying again later", queue_id)
+        self._due_later(queue_id)
+
+    def _due_later(self, queue_id: str) -> None:
         heapq.heappush(self._due, (self.clock.seconds() + self.policy.retry_min, queue_id))
         self._wake()
 
@@ -389,6 +513,19 @@ class Scheduler(service.Service):
         d = defer.maybeDeferred(self._change, message.id, mark)
         d.addCallback(lambda _: self.report(message, message.pending(), "delayed"))
         d.addErrback(_logged, "id={queue_id} delay warning not sent", message.id)
+
+
+def _gone_meanwhile(failure: Failure) -> None:
+    """The message left the queue (``twisted-mta queue delete``)."""
+    failure.trap(UnknownMessage)
+
+
+def _applying(changes: Sequence[Change]) -> Change:
+    def apply_all(message: QueuedMessage) -> None:
+        for change in changes:
+            change(message)
+
+    return apply_all
 
 
 def _apply(

@@ -8,6 +8,8 @@ daemon and the ``twisted-mta queue`` command both change envelopes; each
 read-change-write holds ``queue/.lock`` (an flock, a few microseconds), so
 neither overwrites the other's change.  A message is removed envelope
 first: a ``.msg`` left without its ``.env`` is cleaned up at the next start.
+The daemon's changes leave the directory fsync to the committer thread,
+which does it once for a batch of them (see ``queue.writer``).
 
 An envelope that cannot be read (damaged by hand, or written by another
 version) is :class:`CorruptMessage`; the daemon moves it with its ``.msg``
@@ -38,6 +40,12 @@ CORRUPT_DIR = "corrupt"
 
 class CorruptMessage(ValueError):
     """The message's envelope cannot be read."""
+
+
+def delivered(message: QueuedMessage) -> bool:
+    """Every recipient sent: the store removes such a message rather than
+    write its envelope."""
+    return all(r.state == SENT for r in message.recipients)
 
 
 @dataclass(frozen=True)
@@ -97,15 +105,24 @@ class QueueStore:
             return reason
 
     def update(
-        self, queue_id: str, change: Callable[[QueuedMessage], None]
+        self,
+        queue_id: str,
+        change: Callable[[QueuedMessage], None],
+        sync_directory: bool = True,
     ) -> QueuedMessage:
         """Apply ``change`` to the current envelope and store it durably
-        (a message left with every recipient sent is removed instead)."""
+        (a message left with every recipient sent is removed instead).
+
+        Without ``sync_directory`` the caller fsyncs the queue directory
+        before anything relies on the change.
+        """
         with self._locked():
             message = self.load(queue_id)
             change(message)
             self._save(message)
-            return message
+        if sync_directory:
+            fsync_directory(str(self.directory))
+        return message
 
     def update_if(
         self,
@@ -121,12 +138,16 @@ class QueueStore:
                 return None
             change(message)
             self._save(message)
-            return message
+        fsync_directory(str(self.directory))
+        return message
 
-    def remove(self, queue_id: str) -> None:
-        """Take a message out of the queue (envelope first)."""
+    def remove(self, queue_id: str, sync_directory: bool = True) -> None:
+        """Take a message out of the queue (envelope first); without
+        ``sync_directory`` the caller fsyncs the queue directory."""
         with self._locked():
             self._remove(queue_id)
+        if sync_directory:
+            fsync_directory(str(self.directory))
 
     def remove_if(
         self, queue_id: str, wanted: Callable[[QueuedMessage], bool]
@@ -138,12 +159,13 @@ class QueueStore:
             if not wanted(message):
                 return None
             self._remove(queue_id)
-            return message
+        fsync_directory(str(self.directory))
+        return message
 
     def _save(self, message: QueuedMessage) -> None:
         # A message with every recipient sent is removed: its removal is the
         # durable record that nothing is left to do.
-        if all(r.state == SENT for r in message.recipients):
+        if delivered(message):
             self._remove(message.id)
         else:
             self._write(message)
@@ -156,10 +178,11 @@ class QueueStore:
             raise UnknownMessage(queue_id) from None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.data_path(queue_id))
-        fsync_directory(str(self.directory))
 
     def _write(self, message: QueuedMessage) -> None:
-        write_atomically(self.directory / f"{message.id}.env", message.to_json())
+        # The directory is fsynced by the caller, after the lock is let go.
+        path = self.directory / f"{message.id}.env"
+        write_atomically(path, message.to_json(), sync_directory=False)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

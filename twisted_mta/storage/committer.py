@@ -8,20 +8,28 @@ Instead one worker thread takes every commit that piled up while it was
 busy and flushes them together: files are fsynced one after another (the
 GIL is released meanwhile), and each directory is fsynced once per batch
 however many messages went into it.  The reactor hears back once per batch.
+
+The queue's reads and changes of envelopes run in the same thread and the
+same batches (:meth:`Committer.call`): each change fsyncs its own file,
+and the queue directory is fsynced once for every change and every new
+message of the batch before any of them is reported.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorThreads
 from twisted.python.failure import Failure
 
 from twisted_mta.storage.files import fsync_directory
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -46,6 +54,41 @@ class _Commit:
     files: Sequence[PendingFile]
     deferred: defer.Deferred[None]
     error: BaseException | None = None
+    result: None = None
+
+    def run(self) -> None:
+        _make_durable(self.files)
+
+    def directories(self) -> set[str]:
+        return {os.path.dirname(f.final) for f in self.files if f.keep}
+
+    def take_back(self) -> None:
+        # The client will be told to retry, so a copy left in place would
+        # be delivered twice.
+        for pending in self.files:
+            if pending.keep:
+                _unlink_quietly(pending.final)
+
+
+@dataclass
+class _Call:
+    work: Callable[[], tuple[Any, Collection[str]]]
+    deferred: defer.Deferred[Any]
+    error: BaseException | None = None
+    result: Any = None
+    changed: Collection[str] = ()
+
+    def run(self) -> None:
+        self.result, self.changed = self.work()
+
+    def directories(self) -> set[str]:
+        return set(self.changed)
+
+    def take_back(self) -> None:
+        """Nothing to undo: the caller hears that the change may be lost."""
+
+
+_Item = _Commit | _Call
 
 
 @dataclass
@@ -53,7 +96,7 @@ class Committer:
     """Run batched fsync + rename + directory fsync in one worker thread."""
 
     reactor: IReactorThreads
-    _pending: list[_Commit] = field(default_factory=list)
+    _pending: list[_Item] = field(default_factory=list)
     _wakeup: threading.Condition = field(default_factory=threading.Condition)
     _thread: threading.Thread | None = None
     _stopping: bool = False
@@ -65,11 +108,27 @@ class Committer:
         OSError (then no file of this commit was left at its final name).
         """
         d: defer.Deferred[None] = defer.Deferred()
+        self._add(_Commit(files, d))
+        return d
+
+    def call(self, work: Callable[[], tuple[T, Collection[str]]]) -> defer.Deferred[T]:
+        """Run ``work`` in the worker thread with the next batch.
+
+        ``work`` returns its result and the directories whose entries it
+        changed (renames, removals, with its files already fsynced).  The
+        Deferred fires with the result once those directories are fsynced,
+        or fails with what ``work`` raised or with the directory's fsync
+        error (then the change may or may not be on disk).
+        """
+        d: defer.Deferred[T] = defer.Deferred()
+        self._add(_Call(work, d))
+        return d
+
+    def _add(self, item: _Item) -> None:
         with self._wakeup:
-            self._pending.append(_Commit(files, d))
+            self._pending.append(item)
             self._wakeup.notify()
         self._ensure_thread()
-        return d
 
     def stop(self) -> None:
         """Let the worker finish what it holds and exit."""
@@ -100,35 +159,27 @@ class Committer:
             self.reactor.callFromThread(_report, batch)
 
 
-def _flush_batch(batch: list[_Commit]) -> None:
+def _flush_batch(batch: list[_Item]) -> None:
     for item in batch:
         try:
-            _make_durable(item.files)
+            item.run()
         except BaseException as error:  # reported to the Deferred, not lost
             item.error = error
-    durable = [item for item in batch if item.error is None]
-    directories = {os.path.dirname(f.final) for item in durable for f in item.files if f.keep}
-    for directory in directories:
+    done = [item for item in batch if item.error is None]
+    directories = set().union(*(item.directories() for item in done))
+    for directory in sorted(directories):
         try:
             fsync_directory(directory)
         except OSError as error:
-            _fail_commits_in(directory, durable, error)
+            _fail_items_in(directory, done, error)
 
 
-def _fail_commits_in(directory: str, batch: list[_Commit], error: OSError) -> None:
-    """Take back the files of every commit whose ``directory`` may be lost.
-
-    The client will be told to retry, so a copy left in place would be
-    delivered twice.
-    """
+def _fail_items_in(directory: str, batch: list[_Item], error: OSError) -> None:
+    """Fail and take back every item whose ``directory`` may be lost."""
     for item in batch:
-        if item.error is None and any(
-            f.keep and os.path.dirname(f.final) == directory for f in item.files
-        ):
+        if item.error is None and directory in item.directories():
             item.error = error
-            for pending in item.files:
-                if pending.keep:
-                    _unlink_quietly(pending.final)
+            item.take_back()
 
 
 def _make_durable(files: Sequence[PendingFile]) -> None:
@@ -157,10 +208,10 @@ def _make_durable(files: Sequence[PendingFile]) -> None:
         raise
 
 
-def _report(batch: list[_Commit]) -> None:
+def _report(batch: list[_Item]) -> None:
     for item in batch:
         if item.error is None:
-            item.deferred.callback(None)
+            item.deferred.callback(item.result)
         else:
             item.deferred.errback(Failure(item.error))
 

@@ -22,16 +22,18 @@ def write_atomically(
     data: bytes | Sequence[bytes],
     mode: int = 0o600,
     owner: tuple[int, int] | None = None,
+    sync_directory: bool = True,
 ) -> None:
     """Replace ``path`` with ``data`` (bytes, or chunks written in order):
     a crash leaves the old file or the new one.
 
     The data goes to a new hidden name beside ``path`` (never an existing
     file or link: the folder may be writable by others), is fsynced,
-    renamed over ``path``, and the directory is fsynced.  The file gets
-    exactly ``mode``, whatever the umask, and ``owner`` (uid, gid) when it
-    is not ours already: root editing a file the daemon reads must leave it
-    the daemon's.
+    renamed over ``path``, and the directory is fsynced, unless the caller
+    does that itself (``sync_directory`` false: once for several files).
+    The file gets exactly ``mode``, whatever the umask, and ``owner`` (uid,
+    gid) when it is not ours already: root editing a file the daemon reads
+    must leave it the daemon's.
     """
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -51,7 +53,8 @@ def write_atomically(
         # A full disk must not leave a litter of half-written names.
         _remove_quietly(temporary)
         raise
-    fsync_directory(path.parent)
+    if sync_directory:
+        fsync_directory(path.parent)
 
 
 def _write_all(fd: int, data: bytes) -> None:
