@@ -8,7 +8,8 @@ handshake ended (``Handshake``), for the metrics; the worker serves
 worker's throttle counts those of all.  From the main process: re-read the
 config (``Reload``).
 
-A notice needs no answer; only a slot does, and the greeting waits for it.
+A notice needs no answer; a slot does (the greeting waits for it), and
+a reload (the main process logs it once all are done).
 """
 
 from __future__ import annotations
@@ -60,10 +61,10 @@ class Serving(amp.Command):
 
 
 class Reload(amp.Command):
-    """Re-read the config, as the main process did at its SIGHUP."""
+    """Re-read the config, as the main process did at its SIGHUP; the
+    answer says it is done."""
 
     arguments: list = []
-    requiresAnswer = False
 
 
 class QuietAMP(amp.AMP):
