@@ -126,7 +126,7 @@ class WorkerPool:
         self._queued = queued
         self._lost = lost
         self._clock = clock
-        self._workers = [_Worker(number) for number in range(1, count + 1)]
+        self.workers = [_Worker(number) for number in range(1, count + 1)]
         self._sockets: list[ListeningSocket] = []
         self._running = False
         self._all_serving: defer.Deferred | None = None
@@ -139,7 +139,7 @@ class WorkerPool:
         self._sockets = list(sockets)
         self._running = True
         self._all_serving = defer.Deferred()
-        for worker in self._workers:
+        for worker in self.workers:
             self._spawn(worker)
         return self._all_serving
 
@@ -172,7 +172,7 @@ class WorkerPool:
     def serving(self, worker: _Worker, pid: int) -> None:
         worker.serving = True
         _log.info("worker {number} serving: pid {pid}", number=worker.number, pid=pid)
-        if self._all_serving is not None and all(each.serving for each in self._workers):
+        if self._all_serving is not None and all(each.serving for each in self.workers):
             d, self._all_serving = self._all_serving, None
             d.callback(None)
 
@@ -244,7 +244,7 @@ class WorkerPool:
                 worker.control.callRemote(AuthFailed, ip=ip, when=when)
 
     def _connected(self) -> list[_Worker]:
-        return [worker for worker in self._workers if worker.control is not None]
+        return [worker for worker in self.workers if worker.control is not None]
 
     # -- SIGHUP and SIGTERM --------------------------------------------------
 
@@ -264,15 +264,15 @@ class WorkerPool:
         for call in self._restarts.values():
             call.cancel()
         self._restarts.clear()
-        ends = [worker.ended for worker in self._workers if worker.ended is not None]
-        for worker in self._workers:
+        ends = [worker.ended for worker in self.workers if worker.ended is not None]
+        for worker in self.workers:
             _signal(worker, "TERM")
         kill = self._clock.callLater(shutdown_timeout + KILL_GRACE, self._kill_all)
         d = defer.gatherResults(ends)
         return d.addBoth(_cancel_and_pass, kill)
 
     def _kill_all(self) -> None:
-        for worker in self._workers:
+        for worker in self.workers:
             _signal(worker, "KILL")
 
 
