@@ -116,6 +116,9 @@ class SMTPService(service.MultiService):
     given, and with the connection limits it counts against.
     """
 
+    # Whether it watches the certificate's files itself (a worker is told).
+    watches_certificate = True
+
     def __init__(
         self, config: Config, checkers: Sequence = (), sessions: Sessions | None = None
     ) -> None:
@@ -177,7 +180,8 @@ class SMTPService(service.MultiService):
         except TLSError as error:
             raise SystemExit(f"twistd mta: {error}") from None
         super().startService()
-        self._certificate_poll.start(CERTIFICATE_POLL, now=False)
+        if self.watches_certificate:
+            self._certificate_poll.start(CERTIFICATE_POLL, now=False)
 
     # -- SIGHUP --------------------------------------------------------------
 
@@ -231,7 +235,17 @@ class SMTPService(service.MultiService):
             _log.info("tls: {error}; keeping the current certificate", error=str(error))
             return
         self._use_certificate(certificate)
+        self.certificate_renewed(certificate)
+
+    def certificate_renewed(self, certificate: Certificate) -> None:
         _log.info("tls: certificate reloaded from {path}", path=str(certificate.files[0]))
+
+    def renew_certificate(self) -> None:
+        """Serve the certificate on disk now (a worker, told of a renewal)."""
+        try:
+            self._use_certificate(configured_certificate(self.config))
+        except TLSError as error:
+            _log.info("tls: {error}; keeping the current certificate", error=str(error))
 
     # -- SIGTERM -------------------------------------------------------------
 

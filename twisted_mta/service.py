@@ -55,6 +55,7 @@ from twisted_mta.relay.router import Router, RouterSettings, SmartHost
 from twisted_mta.smtp.limits import ConnectionLimits
 from twisted_mta.storage.envelope import UnknownMessage
 from twisted_mta.storage.maildir import may_share
+from twisted_mta.tls import Certificate
 from twisted_mta.workers.supervisor import ListeningSocket, WorkerPool
 
 # Config parts that bind or name where things are: a reload cannot change them.
@@ -199,10 +200,7 @@ class MTAService(SMTPService):
         for listener in self.listeners:
             listener.announce()
         count = len(list(self.listeners))
-        text = f"serving on {count} listener(s)"
-        if self.workers is not None:
-            text += f" in {self.workers.count} worker processes"
-        _tell_systemd(systemd.READY, systemd.status(text))
+        _tell_systemd(systemd.READY, systemd.status(f"serving on {count} listener(s)"))
 
     def _handle_signals(self) -> None:
         """Ours replace the reactor's, installed as it started."""
@@ -251,6 +249,14 @@ class MTAService(SMTPService):
             )
         )
         return d
+
+    def certificate_renewed(self, certificate: Certificate) -> None:
+        """Logged once the workers serve it too."""
+        if self.workers is None:
+            super().certificate_renewed(certificate)
+            return
+        d = self.workers.renew_certificate()
+        d.addCallback(lambda _: super(MTAService, self).certificate_renewed(certificate))
 
     def _apply(self, config: Config) -> None:
         super()._apply(config)

@@ -11,15 +11,13 @@ import signal
 import smtplib
 import socket
 import threading
-import time
 import urllib.request
-from collections.abc import Callable
 from itertools import count
 
 import pytest
 
 from tests.helpers.capture import Behaviour, CaptureServer
-from tests.helpers.daemon import Daemon, fresh_client_address, queue_id
+from tests.helpers.daemon import Daemon, eventually, fresh_client_address, queue_id
 from tests.helpers.relay_fixtures import relay_config, submit, wait_attempt
 
 WORKERS = "[limits]\nworkers = 2\n"
@@ -36,17 +34,6 @@ def serving_pids(daemon: Daemon) -> dict[str, int]:
         if match := _SERVING.search(line):
             pids[match.group(1)] = int(match.group(2))
     return pids
-
-
-def eventually(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
-    """Whether ``condition`` holds within ``timeout``, for what no log line
-    tells (a slot given back, a count scraped)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def message(token: str) -> bytes:

@@ -6,10 +6,10 @@ over all workers; a message entered the queue (``Queued``); a TLS
 handshake ended (``Handshake``), for the metrics; the worker serves
 (``Serving``).  Both ways: an AUTH failure (``AuthFailed``), so that every
 worker's throttle counts those of all.  From the main process: re-read the
-config (``Reload``).
+config (``Reload``), serve a renewed certificate (``RenewCertificate``).
 
 A notice needs no answer; a slot does (the greeting waits for it), and
-a reload (the main process logs it once all are done).
+a reload or a renewal (the main process logs it once all are done).
 """
 
 from __future__ import annotations
@@ -63,6 +63,12 @@ class Serving(amp.Command):
 class Reload(amp.Command):
     """Re-read the config, as the main process did at its SIGHUP; the
     answer says it is done."""
+
+    arguments: list = []
+
+
+class RenewCertificate(amp.Command):
+    """Serve the certificate on disk: the main process saw it renewed."""
 
     arguments: list = []
 

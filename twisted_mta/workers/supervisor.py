@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IReactorProcess
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from twisted_mta.smtp.limits import ConnectionLimits
@@ -41,6 +42,7 @@ from twisted_mta.workers.commands import (
     QuietAMP,
     Release,
     Reload,
+    RenewCertificate,
     Serving,
 )
 
@@ -250,8 +252,16 @@ class WorkerPool:
 
     def reload(self) -> defer.Deferred:
         """Every worker re-reads the config; fires once all have."""
+        return self._ask_all(Reload)
+
+    def renew_certificate(self) -> defer.Deferred:
+        """Every worker serves the certificate on disk; fires once all do."""
+        return self._ask_all(RenewCertificate)
+
+    def _ask_all(self, command: type[amp.Command]) -> defer.Deferred:
+        # A worker that ends meanwhile reads the files anew when restarted.
         asked = [
-            worker.control.callRemote(Reload).addErrback(lambda _: None)
+            worker.control.callRemote(command).addErrback(lambda _: None)
             for worker in self._connected()
         ]
         return defer.gatherResults(asked)

@@ -31,6 +31,7 @@ import signal
 import socket
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from twisted.application import service
@@ -52,6 +53,7 @@ from twisted_mta.workers.commands import (
     QuietAMP,
     Release,
     Reload,
+    RenewCertificate,
     Serving,
 )
 from twisted_mta.workers.supervisor import CONTROL_FD, GivenProtocol, ListeningSocket
@@ -70,6 +72,7 @@ class MainChannel(QuietAMP):
         # Those of the worker's server, once it is made.
         self.throttle: AuthThrottle | None = None
         self.reread: Callable[[], object] | None = None
+        self.renew_certificate: Callable[[], None] | None = None
         self._on_lost = on_lost
 
     def queued(self, queue_id: str) -> None:
@@ -85,6 +88,12 @@ class MainChannel(QuietAMP):
     def reload(self) -> dict:
         if self.reread is not None:
             self.reread()
+        return {}
+
+    @RenewCertificate.responder
+    def renew(self) -> dict:
+        if self.renew_certificate is not None:
+            self.renew_certificate()
         return {}
 
     @AuthFailed.responder
@@ -170,6 +179,9 @@ class WorkerService(SMTPService):
     """The SMTP side of the server, on sockets given, with limits, queue
     and part of the throttle behind the channel."""
 
+    # The main process watches it, and tells every worker at once.
+    watches_certificate = False
+
     def __init__(
         self,
         config: Config,
@@ -181,6 +193,7 @@ class WorkerService(SMTPService):
         self.channel = channel
         channel.throttle = self.throttle
         channel.reread = self.reread
+        channel.renew_certificate = self.renew_certificate
         self.throttle.on_failure = channel.auth_failed
         self.spool.on_queued = channel.queued
         limits = {}
@@ -269,12 +282,26 @@ def _die_with_parent() -> None:
 
 
 def _log_to_main_process() -> None:
-    lock = threading.Lock()
+    """Each event as one line on standard output.
+
+    Events come from threads (the committer's) and from signal handlers,
+    which may interrupt a write under way: a line is queued, and written
+    by whoever holds the lock, never by waiting for it, so lines stay
+    whole and in order, and a handler never waits for the frame it
+    interrupted.
+    """
+    pending: deque[bytes] = deque()
+    writing = threading.Lock()
+    fd = sys.stdout.fileno()
 
     def forward(event: dict) -> None:
-        line = (eventAsJSON(event) + "\n").encode("utf-8")
-        with lock:
-            _write_all(sys.stdout.fileno(), line)
+        pending.append((eventAsJSON(event) + "\n").encode("utf-8"))
+        while pending and writing.acquire(blocking=False):
+            try:
+                while pending:
+                    _write_all(fd, pending.popleft())
+            finally:
+                writing.release()
 
     globalLogBeginner.beginLoggingTo([forward], redirectStandardIO=False)
 
