@@ -121,7 +121,6 @@ class WorkerPool:
         lost: Callable[[], None],
         clock: IReactorProcess,
     ) -> None:
-        self.count = count
         self.limits = limits
         self.tallies = Tallies()
         self._arguments = list(arguments)
