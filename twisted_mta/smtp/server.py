@@ -105,6 +105,9 @@ class MTAServer(Dialogue):
             # The connections are counted by another process (workers): no
             # greeting, and no command read, before its answer.
             self.setTimeout(None)
+            # An implicit TLS handshake runs meanwhile: if the client goes
+            # before the answer, its failure is still counted at the loss.
+            self.startedTLS = self.settings.implicit_tls
             slot.addErrback(self._count_unknown)
             slot.addCallback(self._slot_decided, ip)
             self.wait_for(slot)
