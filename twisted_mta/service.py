@@ -6,10 +6,17 @@ their ports then.  It drops privileges (``--uid``/``--gid``) and calls
 made in it belong to the run user, and the config and every file it names
 are checked as that user, with one line naming a file it cannot read.
 
-Once the reactor runs, SIGHUP re-reads the config (:meth:`MTAService.reload`)
-and SIGTERM drains: the listeners close, transactions in DATA may finish
-within ``[limits] shutdown_timeout``, every other session is told
-``421 4.3.2``; then the queue and the committer stop and twistd exits 0.
+With ``[limits] workers`` above 1 the listeners are served by worker
+processes, spawned once the reactor runs (after the drop, so as the run
+user), each given every listening socket (:mod:`twisted_mta.workers`);
+this process then keeps the queue, the relay, the maildrop and the
+metrics, and no longer accepts connections itself.
+
+Once the reactor runs, SIGHUP re-reads the config (:meth:`MTAService.reload`),
+in the workers too, and SIGTERM drains: the listeners close, transactions
+in DATA may finish within ``[limits] shutdown_timeout``, every other
+session is told ``421 4.3.2`` (the workers do the same, and end); then the
+queue and the committer stop and twistd exits 0.
 """
 
 from __future__ import annotations
@@ -18,28 +25,25 @@ import os
 import pwd
 import signal
 from collections.abc import Sequence
-from dataclasses import dataclass
+from functools import partial
 
 from twisted.application import service
-from twisted.cred.checkers import AllowAnonymousAccess
-from twisted.cred.portal import Portal
-from twisted.internet import defer, reactor, task
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
+from twisted.internet import defer, reactor
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from twisted_mta import systemd
-from twisted_mta.auth.checker import FirstMatch, UsersFileChecker, cram_md5_warning
-from twisted_mta.auth.mechanisms import challengers
-from twisted_mta.auth.throttle import AuthThrottle
-from twisted_mta.config import Config, ConfigError, load_config, parse_hostport
-from twisted_mta.directory.resolve import Directory
-from twisted_mta.intake.acceptance import MailSystem
+from twisted_mta.auth.checker import cram_md5_warning
+from twisted_mta.config import Config, parse_hostport
+from twisted_mta.front import (
+    LISTENERS,
+    ListenerService,
+    SMTPService,
+    recheck_config,
+    resolver_addresses,
+    spool_sharing,
+)
 from twisted_mta.intake.maildrop import MaildropService
-from twisted_mta.intake.policies import NO_POLICIES, PluginError, PolicyChain, load_policies
-from twisted_mta.intake.spool import Spool
-from twisted_mta.interfaces import PolicyContext
+from twisted_mta.intake.policies import PluginError
 from twisted_mta.metrics import Health, Metrics, MetricsObserver, metrics_site
 from twisted_mta.queue.bounces import dsn_reporter
 from twisted_mta.queue.flush import FlushListener
@@ -49,115 +53,38 @@ from twisted_mta.queue.writer import QueueWriter
 from twisted_mta.relay.outgoing import Timeouts
 from twisted_mta.relay.resolver import make_resolver
 from twisted_mta.relay.router import Router, RouterSettings, SmartHost
-from twisted_mta.smtp.factory import MTAFactory
-from twisted_mta.smtp.limits import ConnectionLimits, ServerSettings, Sessions
-from twisted_mta.smtp.proxy import ProxyWrappingFactory
-from twisted_mta.smtp.realm import MailRealm
-from twisted_mta.smtp.sasl import usable_mechanisms
-from twisted_mta.storage.committer import Committer
+from twisted_mta.smtp.limits import ConnectionLimits
 from twisted_mta.storage.envelope import UnknownMessage
-from twisted_mta.storage.maildir import Sharing, may_share
-from twisted_mta.tls import Certificate, ServerTLS, TLSError, files_stamp, load_certificate
+from twisted_mta.storage.maildir import may_share
+from twisted_mta.tls import Certificate
+from twisted_mta.workers.supervisor import ListeningSocket, WorkerPool
 
-LISTENERS = ("smtp", "submission", "submissions")
-# Certificate renewals are picked up within this many seconds (twice this
-# is the contract's 10 s, with room for a slow disk).
-CERTIFICATE_POLL = 4.0
 # Config parts that bind or name where things are: a reload cannot change them.
-_RESTART_ONLY = ("spool", "listen", "proxy.listeners", "delivery", "metrics.listen")
+_RESTART_ONLY = (
+    "spool", "listen", "proxy.listeners", "delivery", "metrics.listen", "limits.workers"
+)
 
 _log = Logger()
 
 
+class MTAService(SMTPService):
+    """The whole server: listeners, sessions, queue, relay, committer; and
+    the workers that serve the listeners instead, if there are any."""
 
-class ListenerService(service.Service):
-    """Bind one endpoint before privileges are dropped; say where it listens
-    once the server is ready to serve it."""
-
-    def __init__(self, kind: str, description: str, factory) -> None:
-        self.kind = kind
-        self.description = description
-        self.factory = factory
-        self._port = None
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        try:
-            endpoint = serverFromString(reactor, self.description)
-        except (KeyError, IndexError) as missing:
-            # A systemd: endpoint whose socket systemd did not pass.
-            raise SystemExit(
-                f"twistd mta: cannot listen on {self.description}: no socket {missing}"
-                " was passed by systemd (socket activation)"
-            ) from None
-        result: list = []
-        endpoint.listen(self.factory).addBoth(result.append)
-        outcome = result[0] if result else None
-        if hasattr(outcome, "check"):
-            reason = outcome.value
-            if isinstance(reason, CannotListenError):
-                reason = reason.socketError
-            raise SystemExit(f"twistd mta: cannot listen on {self.description}: {reason}")
-        self._port = outcome
-
-    @property
-    def listening(self) -> bool:
-        return self._port is not None and bool(self._port.connected)
-
-    def announce(self) -> None:
-        address = self._port.getHost()
-        _log.info(
-            "listening: {listener} on {host}:{port}",
-            listener=self.kind,
-            host=address.host,
-            port=address.port,
-        )
-
-    def stopService(self):
-        super().stopService()
-        if self._port is not None:
-            port, self._port = self._port, None
-            return port.stopListening()
-        return None
-
-
-@dataclass(frozen=True)
-class Intake:
-    """What decides on mail and logins; made anew from each config."""
-
-    system: MailSystem
-    portal: Portal
-    mechanisms: dict
-
-
-class MTAService(service.MultiService):
-    """The whole server: listeners, sessions, queue, relay, committer."""
-
-    def __init__(self, config: Config, checkers: Sequence = ()) -> None:
-        super().__init__()
-        self.config = config
-        self.checkers = tuple(checkers)
-        self.committer = Committer(reactor)
-        self.spool = Spool(
-            config.mail_dir, config.queue_dir, self.committer, sharing=_sharing(config)
-        )
+    def __init__(
+        self, config: Config, checkers: Sequence = (), auth: Sequence[str] = ()
+    ) -> None:
+        super().__init__(config, checkers)
         self.store = QueueStore(config.queue_dir)
-        self.tls = ServerTLS()
         self.limits = ConnectionLimits(
             config.limits.max_connections, config.limits.max_connections_per_ip
         )
-        self.throttle = AuthThrottle(
-            config.auth.failure_delay, config.limits.max_auth_failures_per_ip
-        )
-        self.sessions = Sessions()
-        intake = build_intake(config, self.spool, self.checkers)
-        self.listeners = service.MultiService()
-        self.listeners.setServiceParent(self)
-        self.proxies: list[ProxyWrappingFactory] = []
-        self.factories = self._listen(config, intake)
+        for kind in LISTENERS:
+            for description in getattr(config.listen, kind):
+                self.add_listener(kind, self.limits, partial(ListenerService, kind, description))
         self.queue = service.MultiService()
         self.queue.setServiceParent(self)
-        self.maildrop = MaildropService(config.maildrop_dir, intake.system, reactor)
+        self.maildrop = MaildropService(config.maildrop_dir, self.intake.system, reactor)
         self.maildrop.setServiceParent(self.queue)
         relay_settings = _router_settings(config)
         resolver = make_resolver(relay_settings.resolvers)
@@ -169,57 +96,57 @@ class MTAService(service.MultiService):
             self.store,
             timeouts=relay_timeouts(config),
         )
-        self.router.policies = intake.system.policies
+        self.router.policies = self.intake.system.policies
         self.router.setServiceParent(self.queue)
         self.scheduler = Scheduler(
             self.store,
             self.router.deliver,
-            dsn_reporter(intake.system, self.store, config.queue.lifetime),
+            dsn_reporter(self.intake.system, self.store, config.queue.lifetime),
             self.router.destination,
             _queue_policy(config),
             reactor,
             QueueWriter(self.store, self.committer),
         )
-        self.scheduler.policies = intake.system.policies
+        self.scheduler.policies = self.intake.system.policies
         self.scheduler.setServiceParent(self.queue)
         self.spool.on_queued = self.scheduler.enqueue
         FlushListener(config.queue_dir, self.scheduler, reactor).setServiceParent(self.queue)
+        self.workers = self._workers(config, auth)
         self.monitoring = service.MultiService()
         self.monitoring.setServiceParent(self)
         self._serve_metrics(config)
-        self._certificate: Certificate | None = None
-        self._refused_stamp = None
-        self._certificate_poll = task.LoopingCall(self._check_certificates)
-        self._certificate_poll.clock = reactor
         self._old_handlers: dict[int, object] = {}
 
-    def _listen(self, config: Config, intake: Intake) -> dict[str, list[MTAFactory]]:
-        factories: dict[str, list[MTAFactory]] = {kind: [] for kind in LISTENERS}
-        for kind in LISTENERS:
-            settings = _settings(config, kind)
-            for description in getattr(config.listen, kind):
-                factory = MTAFactory(
-                    intake.portal,
-                    settings,
-                    self.limits,
-                    self.tls,
-                    intake.mechanisms,
-                    self.throttle,
-                    self.sessions,
-                )
-                factories[kind].append(factory)
-                wrapped = self._wrap(kind, settings, factory)
-                ListenerService(kind, description, wrapped).setServiceParent(self.listeners)
-        return factories
+    def _workers(self, config: Config, auth: Sequence[str]) -> WorkerPool | None:
+        """The worker processes of ``[limits] workers``; None for one process.
+
+        A worker's queue entries are tried at once, and the whole queue
+        when one ends: it may have written a message it did not tell of.
+        """
+        if config.limits.workers == 1:
+            return None
+        arguments = [f"--auth={description}" for description in auth]
+        if config.source is not None:
+            arguments.append(f"--config={config.source}")
+        return WorkerPool(
+            config.limits.workers,
+            arguments,
+            self.limits,
+            queued=self.scheduler.enqueue,
+            lost=self.scheduler.rescan,
+            clock=reactor,
+        )
 
     def _serve_metrics(self, config: Config) -> None:
         """``[metrics] listen``: counts, and the health of the listeners and
         the spool, over HTTP; bound with the SMTP ports, before privileges
-        are dropped."""
+        are dropped.  With workers, their sessions are counted here from
+        what they tell."""
         if not config.metrics.listen:
             return
         kinds = [kind for kind in LISTENERS if getattr(config.listen, kind)]
-        metrics = Metrics(self.sessions, kinds, lambda: _queue_state(self.store))
+        sessions = self.sessions if self.workers is None else self.workers.tallies
+        metrics = Metrics(sessions, kinds, lambda: _queue_state(self.store))
         MetricsObserver(metrics).setServiceParent(self.monitoring)
         site = metrics_site(metrics, Health(self._listeners_down, config.queue_dir))
         for description in config.metrics.listen:
@@ -228,19 +155,10 @@ class MTAService(service.MultiService):
     def _listeners_down(self) -> list[str]:
         return [f"{each.kind} {each.description}" for each in self.listeners if not each.listening]
 
-    def _wrap(self, kind: str, settings: ServerSettings, factory: MTAFactory):
-        """TLS around the server for implicit TLS, the PROXY header outside it."""
-        if settings.implicit_tls:
-            factory = TLSMemoryBIOFactory(self.tls, False, factory)
-        if kind in self.config.proxy.listeners:
-            factory = ProxyWrappingFactory(factory, self.config.proxy.trusted, reactor)
-            self.proxies.append(factory)
-        return factory
-
     # -- start: after the privilege drop -------------------------------------
 
     def startService(self) -> None:
-        config = _recheck(self.config)
+        config = recheck_config(self.config)
         _check_sharing(config)
         try:
             self.spool.prepare()
@@ -249,13 +167,12 @@ class MTAService(service.MultiService):
                 f"twistd mta: cannot prepare {error.filename or config.queue_dir}:"
                 f" {error.strerror}"
             ) from None
-        try:
-            self._use_certificate(_load_certificate(config))
-        except TLSError as error:
-            raise SystemExit(f"twistd mta: {error}") from None
         _warn_about_cram_md5(config)
         super().startService()
-        self._certificate_poll.start(CERTIFICATE_POLL, now=False)
+        if self.workers is not None:
+            # Bound here, served by the workers: this process accepts none.
+            for listener in self.listeners:
+                listener.port.stopReading()
         reactor.callWhenRunning(self._running)
         _log.info(
             "twisted-mta starting: hostname={hostname} spool={spool} config={config}",
@@ -265,8 +182,19 @@ class MTAService(service.MultiService):
         )
 
     def _running(self) -> None:
-        """The reactor runs: take over HUP and TERM, then say we serve."""
+        """The reactor runs: take over HUP and TERM, start the workers, then
+        say we serve once they all do."""
         self._handle_signals()
+        if self.workers is None:
+            self._serving()
+            return
+        sockets = [
+            ListeningSocket(listener.kind, listener.port.fileno(), listener.port.addressFamily)
+            for listener in self.listeners
+        ]
+        self.workers.start(sockets).addCallback(lambda _: self._serving())
+
+    def _serving(self) -> None:
         # The metrics first: a "listening: smtp" line tells they are up too.
         for listener in self.monitoring:
             if isinstance(listener, ListenerService):
@@ -297,94 +225,67 @@ class MTAService(service.MultiService):
 
     # -- SIGHUP ------------------------------------------------------------------
 
-    def reload(self) -> None:
-        """Re-read the config and the files it names; keep the running
-        config if anything in it does not validate."""
+    def reload(self) -> defer.Deferred:
+        """Re-read the config and the files it names, here and in the
+        workers; keep the running config if anything in it does not
+        validate.  Fires once all have re-read it."""
         _tell_systemd(systemd.RELOADING)
-        try:
-            self._reload()
-        finally:
-            _tell_systemd(systemd.READY)
+        d = defer.maybeDeferred(self._reload)
+        d.addBoth(lambda _: _tell_systemd(systemd.READY))
+        return d
 
-    def _reload(self) -> None:
-        try:
-            config = load_config(self.config.source, {})
-            certificate = _load_certificate(config)
-        except (ConfigError, TLSError) as error:
-            _log.info("reload: {error}; keeping the running config", error=str(error))
-            return
-        try:
-            self._apply(config)
-        except PluginError as error:
-            _log.info("reload: {error}; keeping the running config", error=str(error))
-            return
-        self._use_certificate(certificate)
+    def _reload(self) -> defer.Deferred | None:
+        old = self.config
+        config = self.reread()
+        if config is None:
+            return None
         _warn_about_cram_md5(config)
-        unchanged = [name for name in _RESTART_ONLY if _differs(self.config, config, name)]
-        self.config = config
+        unchanged = [name for name in _RESTART_ONLY if _differs(old, config, name)]
         note = f" ({', '.join(unchanged)}: at the next restart)" if unchanged else ""
-        _log.info(
-            "reload: config {config} re-read{note}",
-            config=str(config.source or "(defaults)"),
-            note=note,
+        d = defer.succeed(None) if self.workers is None else self.workers.reload()
+        d.addCallback(
+            lambda _: _log.info(
+                "reload: config {config} re-read{note}",
+                config=str(config.source or "(defaults)"),
+                note=note,
+            )
         )
+        return d
+
+    def certificate_renewed(self, certificate: Certificate) -> None:
+        """Logged once the workers serve it too."""
+        if self.workers is None:
+            super().certificate_renewed(certificate)
+            return
+        d = self.workers.renew_certificate()
+        d.addCallback(lambda _: super(MTAService, self).certificate_renewed(certificate))
 
     def _apply(self, config: Config) -> None:
-        intake = build_intake(config, self.spool, self.checkers)
-        for kind, factories in self.factories.items():
-            for factory in factories:
-                factory.reconfigure(intake.portal, _settings(config, kind), intake.mechanisms)
-        for proxy in self.proxies:
-            proxy.trusted = config.proxy.trusted
+        super()._apply(config)
         self.limits.max_total = config.limits.max_connections
         self.limits.max_per_ip = config.limits.max_connections_per_ip
-        self.throttle.base_delay = config.auth.failure_delay
-        self.throttle.max_failures = config.limits.max_auth_failures_per_ip
-        self.maildrop.system = intake.system
-        self.router.policies = self.scheduler.policies = intake.system.policies
+        self.maildrop.system = self.intake.system
+        self.router.policies = self.scheduler.policies = self.intake.system.policies
         self.scheduler.policy = _queue_policy(config)
-        self.scheduler.report = dsn_reporter(intake.system, self.store, config.queue.lifetime)
+        self.scheduler.report = dsn_reporter(self.intake.system, self.store, config.queue.lifetime)
         self.router.helo_name = config.hostname
         self.router.settings = _router_settings(config)
         self.router.resolver = make_resolver(self.router.settings.resolvers)
 
-    def _use_certificate(self, certificate: Certificate) -> None:
-        self._certificate = certificate
-        self._refused_stamp = None
-        self.tls.use(certificate.options)
-
-    def _check_certificates(self) -> None:
-        """Serve a renewed certificate without a restart."""
-        stamp = files_stamp(self._certificate.files)
-        if stamp in (self._certificate.stamp, self._refused_stamp):
-            return
-        try:
-            certificate = _load_certificate(self.config)
-        except TLSError as error:
-            # Half-way through a renewal the pair may not match yet: said
-            # once, and tried again when the files change again.
-            self._refused_stamp = stamp
-            _log.info("tls: {error}; keeping the current certificate", error=str(error))
-            return
-        self._use_certificate(certificate)
-        _log.info("tls: certificate reloaded from {path}", path=str(certificate.files[0]))
-
     # -- SIGTERM -----------------------------------------------------------------
 
     def stopService(self) -> defer.Deferred:
-        """Stop taking connections, drain the sessions, then stop the rest."""
-        service.Service.stopService(self)
+        """Stop taking connections, drain the sessions (the workers'
+        first), then stop the rest."""
         for number, handler in self._old_handlers.items():
             signal.signal(number, handler)
-        if self._certificate_poll.running:
-            self._certificate_poll.stop()
-        d = defer.maybeDeferred(self.listeners.stopService)
-        d.addCallback(
-            lambda _: self.sessions.drain(self.config.limits.shutdown_timeout, reactor)
-        )
+        d = self.stop_listening()
+        if self.workers is not None:
+            d.addCallback(lambda _: self.workers.stop(self.config.limits.shutdown_timeout))
+        d.addCallback(self.drain)
         d.addCallback(lambda _: self.queue.stopService())
         d.addBoth(self._stop_monitoring)
-        d.addBoth(self._stop_committer)
+        d.addBoth(self.stop_committer)
         return d
 
     def _stop_monitoring(self, result):
@@ -393,16 +294,15 @@ class MTAService(service.MultiService):
         d = defer.maybeDeferred(self.monitoring.stopService)
         return d.addBoth(lambda _: result)
 
-    def _stop_committer(self, result):
-        self.committer.stop()
-        return result
 
-
-def build_service(config: Config, checkers: Sequence = ()) -> MTAService:
+def build_service(
+    config: Config, checkers: Sequence = (), auth: Sequence[str] = ()
+) -> MTAService:
     """The whole server as one service, ready for twistd; a plugin that
-    cannot be made stops it with one line."""
+    cannot be made stops it with one line.  ``auth``: the ``--auth``
+    descriptions of ``checkers``, for the workers to make their own."""
     try:
-        return MTAService(config, checkers)
+        return MTAService(config, checkers, auth)
     except PluginError as error:
         raise SystemExit(f"twistd mta: {error}") from None
 
@@ -417,22 +317,9 @@ def _tell_systemd(*states: str) -> None:
         )
 
 
-def _recheck(config: Config) -> Config:
-    """The config and its files, read again as the user we now run as."""
-    try:
-        return load_config(config.source, {})
-    except ConfigError as error:
-        raise SystemExit(f"twistd mta: {error}") from None
-
-
-def _sharing(config: Config) -> Sharing:
-    group = config.delivery.group
-    return Sharing(None if group is None else group.gid)
-
-
 def _check_sharing(config: Config) -> None:
     """Stop a start whose maildirs could not be given their group."""
-    if not may_share(_sharing(config)):
+    if not may_share(spool_sharing(config)):
         raise SystemExit(
             f"twistd mta: delivery.group: {_run_user()} is not a member of group"
             f" {config.delivery.group}, so it cannot give the maildirs that group"
@@ -452,12 +339,6 @@ def _warn_about_cram_md5(config: Config) -> None:
         _log.info("{warning}", warning=warning)
 
 
-def _load_certificate(config: Config) -> Certificate:
-    return load_certificate(
-        config.tls.certificate, config.tls.private_key, config.tls_dir, config.hostname
-    )
-
-
 def _differs(old: Config, new: Config, name: str) -> bool:
     path = name.split(".")
     return _value(old, path) != _value(new, path)
@@ -468,55 +349,6 @@ def _value(config: Config, path: list[str]):
     for name in path:
         value = getattr(value, name)
     return value
-
-
-def build_intake(config: Config, spool: Spool, checkers: Sequence = ()) -> Intake:
-    """The mail system, the cred portal and the AUTH mechanisms of ``config``:
-    what decides on mail and logins, for the server and for the tests."""
-    directory = Directory(
-        frozenset(config.domains.local),
-        config.domains.recipient_delimiter,
-        config.users.file,
-        config.aliases.file,
-    )
-    system = MailSystem(
-        config.hostname,
-        directory,
-        spool,
-        config.relay.networks,
-        config.auth.received_user,
-        config.limits.max_hops,
-        _policies(config),
-    )
-    portal = _portal(MailRealm(system), directory, config, checkers)
-    mechanisms = usable_mechanisms(challengers(config.auth.mechanisms, config.hostname), portal)
-    return Intake(system, portal, mechanisms)
-
-
-def _policies(config: Config) -> PolicyChain:
-    """The enabled policy plugins; raises PluginError."""
-    plugins = config.plugins
-    if not plugins.enabled:
-        return NO_POLICIES
-    context = PolicyContext(
-        reactor=reactor,
-        hostname=config.hostname,
-        state_dir=config.spool / "plugins",
-        resolver=make_resolver(_router_settings(config).resolvers),
-        trusted_networks=config.relay.networks,
-    )
-    return load_policies(plugins.enabled, plugins.options, plugins.timeout, context)
-
-
-def _portal(realm: MailRealm, directory: Directory, config: Config, extra: Sequence) -> Portal:
-    """Anonymous sessions, plus logins checked by the users file and --auth."""
-    password_checkers = list(extra)
-    if config.users.file is not None:
-        password_checkers.insert(0, UsersFileChecker(directory.users))
-    checkers = [AllowAnonymousAccess()]
-    if password_checkers:
-        checkers.append(FirstMatch(password_checkers))
-    return Portal(realm, checkers)
 
 
 def _queue_state(store: QueueStore) -> tuple[int, float | None]:
@@ -560,7 +392,7 @@ def _router_settings(config: Config) -> RouterSettings:
     return RouterSettings(
         smarthost=smarthost,
         mx_port=relay.mx_port,
-        resolvers=tuple(parse_hostport(entry, 53) for entry in relay.resolvers),
+        resolvers=resolver_addresses(config),
     )
 
 
@@ -572,24 +404,4 @@ def relay_timeouts(config: Config) -> Timeouts:
         connect=relay.connect_timeout,
         command=relay.command_timeout,
         data_end=relay.data_timeout,
-    )
-
-
-def _settings(config: Config, kind: str) -> ServerSettings:
-    limits = config.limits
-    return ServerSettings(
-        hostname=config.hostname,
-        listener=kind,
-        max_message_size=limits.max_message_size,
-        max_recipients=limits.max_recipients,
-        idle_timeout=limits.idle_timeout,
-        max_errors=limits.max_errors,
-        require_auth=kind != "smtp",
-        implicit_tls=kind == "submissions",
-        auth_requires_tls=config.auth.require_tls,
-        max_auth_failures=limits.max_auth_failures,
-        max_hops=limits.max_hops,
-        max_junk_commands=limits.max_junk_commands,
-        stress_idle_timeout=limits.stress_idle_timeout,
-        stress_max_junk_commands=limits.stress_max_junk_commands,
     )

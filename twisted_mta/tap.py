@@ -28,6 +28,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         credentials.IUsernameHashedPassword,
     ]
 
+    def opt_auth(self, description: str) -> None:
+        """Specify an authentication method for the server."""
+        super().opt_auth(description)
+        # Kept as given too: worker processes make their own checkers.
+        self.setdefault("auth_descriptions", []).append(description)
+
     def opt_help_plugins(self) -> None:
         """List the installed policy plugins and exit."""
         factories = installed()
@@ -48,4 +54,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
 
 def makeService(options: Options):
-    return build_service(options["mta_config"], options.get("credCheckers", []))
+    return build_service(
+        options["mta_config"],
+        options.get("credCheckers", []),
+        options.get("auth_descriptions", []),
+    )

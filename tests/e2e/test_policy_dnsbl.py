@@ -42,6 +42,9 @@ stage = "{stage}"
 
 
 def daemon_with(tmp_path, extra: str) -> Daemon:
+    # One process: these tests count what one plugin instance remembers
+    # (each worker process has its own; see README, "Processes").
+    extra += "\n[limits]\nworkers = 1\n"
     return make_daemon(tmp_path / "mta", users=USERS, aliases=ALIASES, extra=extra)
 
 

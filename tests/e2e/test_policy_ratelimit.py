@@ -28,6 +28,9 @@ window = "1h"
 
 
 def daemon_with(tmp_path, extra: str = RATELIMIT) -> Daemon:
+    # One process: these tests count what one plugin instance remembers
+    # (each worker process has its own; see README, "Processes").
+    extra += "\n[limits]\nworkers = 1\n"
     return make_daemon(tmp_path / "mta", users=USERS, aliases=ALIASES, extra=extra)
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
@@ -169,6 +169,17 @@ class Daemon:
         if not new.is_dir():
             return []
         return [p.read_bytes() for p in sorted(new.iterdir())]
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
+    """Whether ``condition`` holds within ``timeout``, for what no log line
+    tells (a slot given back, a count scraped, a file gone)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 _LOOPBACK_HOSTS = count(2)

@@ -1,7 +1,7 @@
 """A mail system assembled from a config file, as the daemon assembles it.
 
 Unit tests that need the intake (the directory, the spool, the realm and
-its portal) get it from :func:`twisted_mta.service.build_intake`, the
+its portal) get it from :func:`twisted_mta.front.build_intake`, the
 function the daemon uses, so they test what runs.
 """
 
@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from twisted_mta.config import load_config
+from twisted_mta.front import Intake, build_intake
 from twisted_mta.intake.spool import Spool
-from twisted_mta.service import Intake, build_intake
 from twisted_mta.storage.committer import Committer
 
 HOSTNAME = "mx.example.test"

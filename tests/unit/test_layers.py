@@ -36,9 +36,11 @@ LAYERS = {
     "twisted_mta.smtp": 4,
     "twisted_mta.relay": 5,
     "twisted_mta.config": 6,
-    "twisted_mta.service": 7,
+    "twisted_mta.front": 7,
+    "twisted_mta.workers": 8,
+    "twisted_mta.service": 9,
     "twisted_mta.cli": 7,
-    "twisted_mta.tap": 8,
+    "twisted_mta.tap": 10,
     "twisted_mta.sendmail": 7,
 }
 

@@ -50,13 +50,13 @@ from tests.helpers.smtp_session import (
     recording_portal,
 )
 from twisted_mta.config.load import default_config
-from twisted_mta.service import _settings
+from twisted_mta.front import listener_settings
 from twisted_mta.smtp.factory import MTAFactory
 from twisted_mta.smtp.limits import ConnectionLimits, ServerSettings
 from twisted_mta.smtp.server import MTAServer
 
 DEFAULTS = default_config()
-SETTINGS = _settings(DEFAULTS, "smtp")
+SETTINGS = listener_settings(DEFAULTS, "smtp")
 # AUTH in plain text, as with [auth] require_tls = false: Twisted's AUTH
 # tests have no TLS, and would stop at our 538 before their exchange.
 PLAINTEXT_AUTH = replace(SETTINGS, auth_requires_tls=False)

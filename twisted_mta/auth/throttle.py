@@ -68,6 +68,8 @@ class AuthThrottle:
     _checks: defer.DeferredSemaphore = field(
         default_factory=lambda: defer.DeferredSemaphore(CHECKS)
     )
+    # Told each failure found here (``ip``, when): other processes' throttles.
+    on_failure: Callable[[str, float], None] | None = None
 
     def attempt(
         self,
@@ -139,11 +141,7 @@ class AuthThrottle:
 
     def begin(self, ip: str, now: float) -> None:
         """An attempt of ``ip`` is queued for its check."""
-        state = self._addresses.get(ip)
-        if state is None:
-            if len(self._addresses) >= MAX_TRACKED:
-                self._forget_old(now)
-            state = self._addresses[ip] = _Address()
+        state = self._tracked(ip, now)
         state.attempts += 1
         state.checking += 1
 
@@ -157,13 +155,30 @@ class AuthThrottle:
         state.checking -= 1
         before = max(self._recent(state, now), session_failures)
         if failed:
-            state.block_told = False
-            state.failures.append(now)
-            while len(state.failures) > max(self.max_failures, _KEPT):
-                state.failures.popleft()
+            self._count_failure(state, now)
+            if self.on_failure is not None:
+                self.on_failure(ip, now)
         if failed or before:
             return self.delay(before + 1)
         return 0.0
+
+    def failed_elsewhere(self, ip: str, when: float) -> None:
+        """A failure of ``ip`` found by another process's throttle."""
+        self._count_failure(self._tracked(ip, when), when)
+
+    def _tracked(self, ip: str, now: float) -> _Address:
+        state = self._addresses.get(ip)
+        if state is None:
+            if len(self._addresses) >= MAX_TRACKED:
+                self._forget_old(now)
+            state = self._addresses[ip] = _Address()
+        return state
+
+    def _count_failure(self, state: _Address, when: float) -> None:
+        state.block_told = False
+        state.failures.append(when)
+        while len(state.failures) > max(self.max_failures, _KEPT):
+            state.failures.popleft()
 
     def cancelled(self, ip: str) -> None:
         """An attempt of ``ip`` was given up before its check ran."""

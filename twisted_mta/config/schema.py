@@ -10,6 +10,7 @@ fields; the tests hold ``etc/mta.toml`` to them.
 # No "from __future__ import annotations": sections() tells the tables of
 # Config from its keys by the field types, which must be classes.
 
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -104,6 +105,10 @@ def sections() -> dict[str, type]:
 def _machine_hostname(_context: ParseContext) -> str:
     name = socket.getfqdn()
     return name if values.is_domain(name) else "localhost"
+
+
+def _cpu_count(_context: ParseContext) -> int:
+    return os.cpu_count() or 1
 
 
 def _local_domains(context: ParseContext) -> list[str]:
@@ -385,6 +390,12 @@ class LimitsConfig:
         values.parse_duration,
         "At SIGTERM, transactions in DATA may finish within this long; other"
         ' sessions get "421 4.3.2" at once.',
+    )
+    workers: int = setting(
+        _cpu_count,
+        values.count,
+        "Processes serving SMTP, each on every listener; 1 serves in the main"
+        " process.  Default: the number of CPUs.",
     )
     max_junk_commands: int = setting(
         100,

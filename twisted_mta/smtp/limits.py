@@ -124,6 +124,12 @@ class Sessions:
         self._open.add(server)
         self.connections[server.settings.listener] += 1
 
+    def handshake_completed(self, listener: str) -> None:
+        self.tls_handshakes[listener] += 1
+
+    def handshake_failed(self, listener: str) -> None:
+        self.tls_failures[listener] += 1
+
     def open_by_listener(self) -> Counter[str]:
         """The sessions open now, by listener kind."""
         return Counter(server.settings.listener for server in self._open)

@@ -100,11 +100,38 @@ class MTAServer(Dialogue):
         if self.sessions.closing:
             self.shut_down()
             return
-        if not self.limits.acquire(ip):
+        slot = self.limits.acquire(ip)
+        if isinstance(slot, defer.Deferred):
+            # The connections are counted by another process (workers): no
+            # greeting, and no command read, before its answer.
+            self.setTimeout(None)
+            # An implicit TLS handshake runs meanwhile: if the client goes
+            # before the answer, its failure is still counted at the loss.
+            self.startedTLS = self.settings.implicit_tls
+            slot.addErrback(self._count_unknown)
+            slot.addCallback(self._slot_decided, ip)
+            self.wait_for(slot)
+            return
+        d = self._slot_decided(slot, ip)
+        if d is not None:
+            self.wait_for(d)
+
+    def _count_unknown(self, failure: Failure) -> bool:
+        """No answer from whoever counts: the connection is refused."""
+        return False
+
+    def _slot_decided(self, allowed: bool, ip: str) -> defer.Deferred | None:
+        """Greet a connection within the limits, after the ``connect``
+        policies if there are any; their Deferred, to wait for."""
+        if self.closed:
+            if allowed:
+                self.limits.release(ip)
+            return None
+        if not allowed:
             refusal = (421, "4.7.0", f"{self.hostname} Too many connections, try later")
             self._refuse("CONNECT", refusal)
             self.close()
-            return
+            return None
         self._counted = True
         self.canStartTLS = (
             ITLSTransport.providedBy(self.transport)
@@ -116,12 +143,11 @@ class MTAServer(Dialogue):
         policies = self._policies()
         if not policies.has("connect"):
             super().connectionMade()
-            return
+            return None
         # No greeting, and no command read, until the policies have spoken.
         self.setTimeout(None)
         d = policies.run("connect", session_info(self.session))
-        d.addCallback(self._connect_decided)
-        self.wait_for(d)
+        return d.addCallback(self._connect_decided)
 
     def _policies(self) -> PolicyChain:
         return getattr(getattr(self.portal, "realm", None), "policies", NO_POLICIES)
@@ -154,7 +180,7 @@ class MTAServer(Dialogue):
             self._counted = False
             self.limits.release(self.session.client_ip)
         if self.startedTLS and not self._handshaken:
-            self.sessions.tls_failures[self.settings.listener] += 1
+            self.sessions.handshake_failed(self.settings.listener)
         self.sessions.remove(self)
         if self._auth is not None:
             self._auth.cancel()
@@ -164,7 +190,7 @@ class MTAServer(Dialogue):
         """The TLS layer's word that its handshake is done (implicit TLS or
         STARTTLS); one that never comes is a failure, told at the loss."""
         self._handshaken = True
-        self.sessions.tls_handshakes[self.settings.listener] += 1
+        self.sessions.handshake_completed(self.settings.listener)
 
     def close(self, abort: bool = False) -> None:
         """Drop a message being received, and close."""
