@@ -495,9 +495,15 @@ def test_a_success_waits_like_a_failure_and_erases_none(tmp_path):
     assert steps[3][1] > check + 0.8, "a third failure's delay (1 s), not a first one's (0.25 s)"
     assert refused[0] == 454 and refused[1] < check + 0.5
     assert reply[0] == 454 and reply[1].startswith(b"4.7.0")
-    failed = [line for line in daemon.log if f"auth failed: client=[{source}]" in line]
-    assert len(failed) == 3
-    told = [line for line in daemon.log if f"auth refused: client=[{source}]" in line]
+
+    def lines(text: str) -> list[str]:
+        return [line for line in daemon.log if text in line]
+
+    # A worker's lines reach the log through the main process, after the reply.
+    daemon.wait_for(lambda: len(lines(f"auth failed: client=[{source}]")) >= 3)
+    daemon.wait_for(lambda: lines(f"auth refused: client=[{source}]"))
+    assert len(lines(f"auth failed: client=[{source}]")) == 3
+    told = lines(f"auth refused: client=[{source}]")
     assert len(told) == 1 and "mechanism=PLAIN: too many authentication failures" in told[0]
 
 
