@@ -178,7 +178,7 @@ def test_sigterm_lets_data_finish_and_tells_the_others_421(start_mta):
     assert daemon.process.wait(timeout=20) == 0
     [stored] = daemon.messages("example.test", "alice")
     assert stored.endswith(MESSAGE.replace(b"\r\n", b"\n"))
-    assert f"id={queue_id(reply)}" in "\n".join(daemon.log)
+    assert daemon.wait_for(lambda: f"id={queue_id(reply)}" in "\n".join(daemon.log))
 
 
 def test_sigterm_cuts_a_transfer_that_does_not_finish_in_time(start_mta):
