@@ -5,6 +5,7 @@ to the pool's end of its channel, and the AMP commands between them."""
 from __future__ import annotations
 
 import socket
+from types import SimpleNamespace
 
 from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -19,11 +20,18 @@ from twisted_mta.workers.commands import Serving
 from twisted_mta.workers.supervisor import (
     FIRST_BACKOFF,
     KILL_GRACE,
+    LEASE,
     ListeningSocket,
     WorkerPool,
     reemit,
 )
-from twisted_mta.workers.worker import MainChannel, RemoteLimits, ReportingSessions
+from twisted_mta.workers.worker import (
+    SWEEP_INTERVAL,
+    TALLY_DELAY,
+    MainChannel,
+    RemoteLimits,
+    ReportingSessions,
+)
 
 SOCKETS = [ListeningSocket("smtp", 7, socket.AF_INET), ListeningSocket("submission", 8, 2)]
 
@@ -63,8 +71,9 @@ class Reactor(MemoryReactorClock):
         self.pumps.append(pump)
 
     def flush(self) -> None:
-        for pump in self.pumps:
-            pump.flush()
+        """Until no channel has anything left to carry."""
+        while any([pump.flush() for pump in self.pumps]):
+            pass
 
 
 class Group:
@@ -96,8 +105,9 @@ class Group:
         d.addBoth(results.append)
         return results
 
-    def ask(self, d: defer.Deferred):
-        results = self.ask_later(d)
+    def ask(self, answer: defer.Deferred | object):
+        """The answer, once the channels have carried what it needs."""
+        results = self.ask_later(defer.maybeDeferred(lambda: answer))
         self.reactor.flush()
         [result] = results
         return result
@@ -125,31 +135,109 @@ def test_the_pool_serves_once_every_worker_does():
     assert group.serving == [None]
 
 
+def limits_of(group: Group) -> list[RemoteLimits]:
+    return [RemoteLimits(channel, group.reactor) for channel in group.channels]
+
+
 def test_connection_slots_are_counted_over_all_workers():
     group = Group(max_per_ip=2)
-    first, second = (RemoteLimits(channel, "smtp") for channel in group.channels)
+    first, second = limits_of(group)
     assert group.ask(first.acquire("192.0.2.1")) is True
     assert group.ask(second.acquire("192.0.2.1")) is True
     assert group.ask(first.acquire("192.0.2.1")) is False
     assert group.ask(second.acquire("192.0.2.9")) is True
-    tallies = group.pool.tallies
-    assert tallies.connections["smtp"] == 4 and tallies.open_by_listener()["smtp"] == 3
+    assert group.pool.limits.total == 3
     second.release("192.0.2.1")
     group.reactor.flush()
-    assert tallies.open_by_listener()["smtp"] == 2
+    assert group.pool.limits.total == 2
     assert group.ask(first.acquire("192.0.2.1")) is True
 
 
-def test_the_stress_state_comes_with_the_answers():
-    group = Group(max_total=2)
-    limits = RemoteLimits(group.channels[0], "smtp")
+def test_far_from_the_limits_a_worker_is_lent_free_slots():
+    group = Group(max_total=100, max_per_ip=20)
+    [limits, _] = limits_of(group)
+    assert group.ask(limits.acquire("192.0.2.1")) is True
+    assert group.pool.limits.per_ip == {"192.0.2.1": LEASE}
+    # The next ones are served at once, without asking.
+    assert [limits.acquire("192.0.2.1") for _ in range(LEASE - 1)] == [True] * (LEASE - 1)
+    assert isinstance(limits.acquire("192.0.2.1"), defer.Deferred)
+
+
+def test_free_slots_are_kept_while_used_and_given_back_once_idle():
+    group = Group(max_total=100, max_per_ip=20)
+    [limits, _] = limits_of(group)
+    limits.start()
     group.ask(limits.acquire("192.0.2.1"))
-    assert not limits.stressed
-    group.ask(limits.acquire("192.0.2.2"))
-    assert limits.stressed  # 2 of 2 open: above 80 %
-    limits.release("192.0.2.2")
+    limits.release("192.0.2.1")
     group.reactor.flush()
-    assert not limits.stressed
+    assert group.pool.limits.per_ip == {"192.0.2.1": LEASE}
+    assert limits.acquire("192.0.2.1") is True
+    limits.release("192.0.2.1")
+    group.reactor.advance(SWEEP_INTERVAL)  # used since the last sweep: kept
+    group.reactor.flush()
+    assert group.pool.limits.total == LEASE
+    group.reactor.advance(SWEEP_INTERVAL)
+    group.reactor.flush()
+    assert group.pool.limits.total == 0 and group.pool.limits.per_ip == {}
+
+
+def test_a_client_is_refused_only_when_its_open_connections_reach_the_limit():
+    """Free slots another worker holds are reclaimed for a connection."""
+    group = Group(max_total=100, max_per_ip=8)
+    first, second = limits_of(group)
+    assert group.ask(first.acquire("192.0.2.1")) is True
+    assert group.pool.limits.per_ip["192.0.2.1"] == LEASE  # one used, the rest free
+    assert [group.ask(second.acquire("192.0.2.1")) for _ in range(7)] == [True] * 7
+    assert group.ask(second.acquire("192.0.2.1")) is False
+    assert group.pool.limits.per_ip["192.0.2.1"] == 8
+    assert first.acquire("192.0.2.1") is not True  # its free slots were taken back
+
+
+def test_free_slots_of_other_addresses_are_reclaimed_at_the_total_limit():
+    group = Group(max_total=8, max_per_ip=8)
+    first, second = limits_of(group)
+    assert group.ask(first.acquire("192.0.2.1")) is True
+    for number in range(2, 9):
+        assert group.ask(second.acquire(f"192.0.2.{number}")) is True
+    assert group.ask(second.acquire("192.0.2.99")) is False
+    assert group.pool.limits.total == 8 and group.pool.limits.per_ip["192.0.2.1"] == 1
+
+
+def test_the_stress_state_is_told_to_every_worker():
+    group = Group(max_total=2)
+    first, second = limits_of(group)
+    group.ask(first.acquire("192.0.2.1"))
+    assert not second.stressed
+    group.ask(first.acquire("192.0.2.2"))
+    group.reactor.flush()
+    assert first.stressed and second.stressed  # 2 of 2 open: above 80 %
+    first.release("192.0.2.2")
+    group.reactor.flush()
+    assert not first.stressed and not second.stressed
+
+
+class Session:
+    settings = SimpleNamespace(listener="smtp")
+
+
+def test_connections_of_every_worker_are_tallied_for_the_metrics():
+    group = Group()
+    first, second = (ReportingSessions(channel, group.reactor) for channel in group.channels)
+    servers = [Session() for _ in range(3)]
+    first.add(servers[0])
+    first.add(servers[1])
+    second.add(servers[2])
+    first.remove(servers[0])
+    group.reactor.advance(TALLY_DELAY)
+    group.reactor.flush()
+    tallies = group.pool.tallies
+    assert tallies.connections == {"smtp": 3} and tallies.open_by_listener() == {"smtp": 2}
+    second.remove(servers[2])
+    group.reactor.advance(TALLY_DELAY)
+    group.reactor.flush()
+    assert tallies.connections == {"smtp": 3} and tallies.open_by_listener() == {"smtp": 1}
+    group.end(0, ProcessTerminated(signal=9))
+    assert tallies.open_by_listener() == {}
 
 
 def test_a_queued_message_is_told_to_the_main_process():
@@ -176,7 +264,7 @@ def test_an_auth_failure_is_counted_by_every_other_worker():
 
 def test_tls_handshakes_of_the_workers_are_counted_by_the_main_process():
     group = Group()
-    sessions = ReportingSessions(group.channels[0])
+    sessions = ReportingSessions(group.channels[0], group.reactor)
     sessions.handshake_completed("submission")
     sessions.handshake_failed("smtp")
     group.reactor.flush()
@@ -195,11 +283,10 @@ def test_a_reload_fires_once_every_worker_has_reread_the_config():
 
 
 def test_a_worker_that_ends_gives_its_slots_back_and_is_restarted():
-    group = Group(max_per_ip=1)
-    assert group.ask(RemoteLimits(group.channels[0], "smtp").acquire("192.0.2.1")) is True
+    group = Group(max_total=100, max_per_ip=20)
+    assert group.ask(limits_of(group)[0].acquire("192.0.2.1")) is True
     group.end(0, ProcessTerminated(signal=9))
-    limits = group.pool.limits
-    assert limits.total == 0 and group.pool.tallies.open_by_listener() == {}
+    assert group.pool.limits.total == 0  # the free ones too
     assert group.rescans == 1  # what it queued but did not tell is found
     group.reactor.advance(FIRST_BACKOFF)
     assert len(group.reactor.processes) == 3

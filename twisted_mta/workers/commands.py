@@ -1,15 +1,18 @@
 """What the main process and its workers say to each other, over AMP.
 
-From a worker to the main process: a connection asks for its slot
-(``Acquire``) and gives it back (``Release``), so that the limits hold
-over all workers; a message entered the queue (``Queued``); a TLS
-handshake ended (``Handshake``), for the metrics; the worker serves
-(``Serving``).  Both ways: an AUTH failure (``AuthFailed``), so that every
-worker's throttle counts those of all.  From the main process: re-read the
-config (``Reload``), serve a renewed certificate (``RenewCertificate``).
+From a worker to the main process: connection slots are asked for
+(``Acquire``) and given back (``Release``), so that the limits hold over
+all workers; the worker's connections made and open (``Tally``) and its
+TLS handshakes (``Handshake``), for the metrics; a message entered the
+queue (``Queued``); the worker serves (``Serving``).  Both ways: an AUTH
+failure (``AuthFailed``), so that every worker's throttle counts those of
+all.  From the main process: give back free slots (``Reclaim``), the
+stress state changed (``Stress``), re-read the config (``Reload``), serve
+a renewed certificate (``RenewCertificate``).
 
-A notice needs no answer; a slot does (the greeting waits for it), and
-a reload or a renewal (the main process logs it once all are done).
+A notice needs no answer; a slot does (the greeting waits for it), and so
+do a reclaim (the slot waits for it), a reload or a renewal (the main
+process logs it once all are done).
 """
 
 from __future__ import annotations
@@ -18,17 +21,48 @@ from twisted.protocols import amp
 
 
 class Acquire(amp.Command):
-    """May a new connection of ``ip`` on ``listener`` be served?"""
+    """May a new connection of ``ip`` be served?  ``granted`` slots: none,
+    or the connection's and as many more for the worker to keep free for
+    the address's next connections."""
 
-    arguments = [(b"listener", amp.Unicode()), (b"ip", amp.Unicode())]
-    response = [(b"allowed", amp.Boolean()), (b"stressed", amp.Boolean())]
+    arguments = [(b"ip", amp.Unicode())]
+    response = [(b"granted", amp.Integer())]
 
 
 class Release(amp.Command):
-    """A connection that had its slot has closed."""
+    """``count`` slots of ``ip`` that the worker held are free again."""
 
-    arguments = [(b"listener", amp.Unicode()), (b"ip", amp.Unicode())]
-    response = [(b"stressed", amp.Boolean())]
+    arguments = [(b"ip", amp.Unicode()), (b"count", amp.Integer())]
+    requiresAnswer = False
+
+
+class Reclaim(amp.Command):
+    """Give back the free slots of ``ip`` (of every address when empty):
+    a connection elsewhere needs them."""
+
+    arguments = [(b"ip", amp.Unicode())]
+    response = [
+        (b"returned", amp.AmpList([(b"ip", amp.Unicode()), (b"count", amp.Integer())]))
+    ]
+
+
+class Stress(amp.Command):
+    """The server is under stress now, or no longer."""
+
+    arguments = [(b"stressed", amp.Boolean())]
+    requiresAnswer = False
+
+
+class Tally(amp.Command):
+    """``made`` connections more on ``listener`` since the last tally, and
+    ``open`` open now."""
+
+    arguments = [
+        (b"listener", amp.Unicode()),
+        (b"made", amp.Integer()),
+        (b"open", amp.Integer()),
+    ]
+    requiresAnswer = False
 
 
 class Queued(amp.Command):
@@ -83,3 +117,8 @@ class QuietAMP(amp.AMP):
     def connectionLost(self, reason) -> None:
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
+
+    def tell(self, command: type[amp.Command], **arguments) -> None:
+        """A notice, unless the other end is gone: there is no one to tell."""
+        if self.transport is not None:
+            self.callRemote(command, **arguments)

@@ -12,6 +12,12 @@ file descriptors:
 * 3: its end of the control socket pair, spoken in AMP (``commands``);
 * 4 onwards: the listening sockets, in the order of ``--listener`` options.
 
+The connection limits are counted here, over every worker, in slots a
+worker holds: those of its open connections and a few free ones leased to
+it while the limits are far off (see ``worker.RemoteLimits``).  A slot
+that cannot be granted is first looked for among the free ones the other
+workers hold (``Reclaim``).
+
 A worker that ends is restarted: at once if it ran for a while, after a
 growing pause (up to ``MAX_BACKOFF``) if it keeps dying as it starts.  Its
 connection slots are given back, and the queue folder is read again: what
@@ -40,10 +46,13 @@ from twisted_mta.workers.commands import (
     Handshake,
     Queued,
     QuietAMP,
+    Reclaim,
     Release,
     Reload,
     RenewCertificate,
     Serving,
+    Stress,
+    Tally,
 )
 
 CONTROL_FD = 3
@@ -54,6 +63,8 @@ FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 # After shutdown_timeout, workers get this long to end before SIGKILL.
 KILL_GRACE = 10.0
+# Slots granted at once at most: the connection's, and free ones to keep.
+LEASE = 4
 
 _log = Logger()
 
@@ -69,24 +80,28 @@ class ListeningSocket:
 
 
 class Tallies:
-    """The sessions of all workers as the metrics read them, counted from
-    what the workers ask and tell: a connection when it asks for its slot,
-    open while it holds one, a TLS handshake when it ends."""
+    """The sessions of all workers as the metrics read them, from what the
+    workers tell: connections made and open, TLS handshakes."""
 
     def __init__(self) -> None:
         self.connections: Counter[str] = Counter()
         self.tls_handshakes: Counter[str] = Counter()
         self.tls_failures: Counter[str] = Counter()
-        self._open: Counter[str] = Counter()
+        self._open: dict[int, Counter[str]] = {}
 
     def open_by_listener(self) -> Counter[str]:
-        return +self._open
+        total: Counter[str] = Counter()
+        for each in self._open.values():
+            total.update(each)
+        return +total
 
-    def opened(self, listener: str) -> None:
-        self._open[listener] += 1
+    def counted(self, worker: int, listener: str, made: int, open_now: int) -> None:
+        self.connections[listener] += made
+        self._open.setdefault(worker, Counter())[listener] = open_now
 
-    def closed(self, listener: str) -> None:
-        self._open[listener] -= 1
+    def forget(self, worker: int) -> None:
+        """A worker ended: its connections are closed."""
+        self._open.pop(worker, None)
 
 
 @dataclass
@@ -101,8 +116,8 @@ class _Worker:
     backoff: float = 0.0
     serving: bool = False
     ended: defer.Deferred | None = None
-    # The connection slots its sessions hold: (listener, ip) -> count.
-    slots: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # The connection slots it holds, in use or free, by address.
+    slots: Counter[str] = field(default_factory=Counter)
 
     @property
     def system(self) -> str:
@@ -132,6 +147,7 @@ class WorkerPool:
         self._running = False
         self._all_serving: defer.Deferred | None = None
         self._restarts: dict[int, object] = {}
+        self._stressed = False
 
     # -- start and restart ---------------------------------------------------
 
@@ -172,6 +188,8 @@ class WorkerPool:
 
     def serving(self, worker: _Worker, pid: int) -> None:
         worker.serving = True
+        if self._stressed:
+            worker.control.tell(Stress, stressed=True)
         _log.info("worker {number} serving: pid {pid}", number=worker.number, pid=pid)
         if self._all_serving is not None and all(each.serving for each in self.workers):
             d, self._all_serving = self._all_serving, None
@@ -182,10 +200,9 @@ class WorkerPool:
         what it queued, and start another unless we are stopping."""
         worker.process = worker.control = None
         worker.serving = False
-        for (listener, ip), held in worker.slots.items():
-            for _ in range(held):
-                self._give_back(listener, ip)
-        worker.slots.clear()
+        for ip, held in list(worker.slots.items()):
+            self.release(worker, ip, held)
+        self.tallies.forget(worker.number)
         how = _how_it_ended(reason)
         ended, worker.ended = worker.ended, None
         if not self._running:
@@ -211,25 +228,71 @@ class WorkerPool:
 
     # -- what workers ask and tell -------------------------------------------
 
-    def acquire(self, worker: _Worker, listener: str, ip: str) -> bool:
-        self.tallies.connections[listener] += 1
-        if not self.limits.acquire(ip):
-            return False
-        worker.slots[listener, ip] += 1
-        self.tallies.opened(listener)
-        return True
+    def acquire(self, worker: _Worker, ip: str) -> int | defer.Deferred:
+        """How many slots of ``ip`` ``worker`` is granted: none, or the
+        connection's and maybe a few to keep.  Deferred when free slots
+        are reclaimed from the workers first."""
+        if self.limits.acquire(ip):
+            return self._lease(worker, ip)
+        d = self._reclaim(ip)
+        return d.addCallback(lambda _: self._lease(worker, ip) if self.limits.acquire(ip) else 0)
 
-    def release(self, worker: _Worker, listener: str, ip: str) -> None:
-        if worker.slots[listener, ip] <= 0:
+    def _lease(self, worker: _Worker, ip: str) -> int:
+        granted = 1
+        while granted < LEASE and self._far_from_limits(ip) and self.limits.acquire(ip):
+            granted += 1
+        worker.slots[ip] += granted
+        self._tell_stress()
+        return granted
+
+    def _far_from_limits(self, ip: str) -> bool:
+        """Whether one slot more keeps ``ip`` and the total at half their
+        limits at most: free slots are leased only then, so that they are
+        seldom reclaimed."""
+        limits = self.limits
+        return (
+            2 * (limits.total + 1) <= limits.max_total
+            and 2 * (limits.per_ip.get(ip, 0) + 1) <= limits.max_per_ip
+        )
+
+    def _reclaim(self, ip: str) -> defer.Deferred:
+        """Ask the workers for the free slots in the way of a connection of
+        ``ip``: that address's, or every address's when the total is reached."""
+        everyone = self.limits.total >= self.limits.max_total
+        asked = [
+            worker.control.callRemote(Reclaim, ip="" if everyone else ip)
+            .addCallback(self._reclaimed, worker)
+            .addErrback(lambda _: None)
+            for worker in self._connected()
+            if worker.slots[ip] or (everyone and worker.slots)
+        ]
+        return defer.gatherResults(asked)
+
+    def _reclaimed(self, answer: dict, worker: _Worker) -> None:
+        for returned in answer["returned"]:
+            self.release(worker, returned["ip"], returned["count"])
+
+    def release(self, worker: _Worker, ip: str, count: int) -> None:
+        """``count`` slots of ``ip`` that ``worker`` held are free again."""
+        count = min(count, worker.slots[ip])
+        if count <= 0:
             return
-        worker.slots[listener, ip] -= 1
-        if not worker.slots[listener, ip]:
-            del worker.slots[listener, ip]
-        self._give_back(listener, ip)
+        worker.slots[ip] -= count
+        if not worker.slots[ip]:
+            del worker.slots[ip]
+        for _ in range(count):
+            self.limits.release(ip)
+        self._tell_stress()
 
-    def _give_back(self, listener: str, ip: str) -> None:
-        self.limits.release(ip)
-        self.tallies.closed(listener)
+    def _tell_stress(self) -> None:
+        if self.limits.stressed == self._stressed:
+            return
+        self._stressed = self.limits.stressed
+        for worker in self._connected():
+            worker.control.tell(Stress, stressed=self._stressed)
+
+    def tally(self, worker: _Worker, listener: str, made: int, open_now: int) -> None:
+        self.tallies.counted(worker.number, listener, made, open_now)
 
     def handshake(self, listener: str, completed: bool) -> None:
         tally = self.tallies.tls_handshakes if completed else self.tallies.tls_failures
@@ -294,14 +357,21 @@ class ControlProtocol(QuietAMP):
         self._worker = worker
 
     @Acquire.responder
-    def acquire(self, listener: str, ip: str) -> dict:
-        allowed = self._pool.acquire(self._worker, listener, ip)
-        return {"allowed": allowed, "stressed": self._pool.limits.stressed}
+    def acquire(self, ip: str) -> dict | defer.Deferred:
+        granted = self._pool.acquire(self._worker, ip)
+        if isinstance(granted, defer.Deferred):
+            return granted.addCallback(lambda count: {"granted": count})
+        return {"granted": granted}
 
     @Release.responder
-    def release(self, listener: str, ip: str) -> dict:
-        self._pool.release(self._worker, listener, ip)
-        return {"stressed": self._pool.limits.stressed}
+    def release(self, ip: str, count: int) -> dict:
+        self._pool.release(self._worker, ip, count)
+        return {}
+
+    @Tally.responder
+    def tally(self, listener: str, made: int, open: int) -> dict:  # noqa: A002
+        self._pool.tally(self._worker, listener, made, open)
+        return {}
 
     @Queued.responder
     def queued(self, queue_id: str) -> dict:

@@ -2,17 +2,18 @@
 written by its own committer; what it cannot decide alone is asked of the
 main process over its channel.
 
-* Connection limits: each connection asks the main process for its slot
+* Connection limits: a connection has its slot from the main process
   before its greeting (``RemoteLimits``), so that ``max_connections`` and
-  ``max_connections_per_ip`` hold over all workers; the answer also says
-  whether the server is under stress.
+  ``max_connections_per_ip`` hold over all workers.  Slots are leased, so
+  that a busy client's next connections need no round trip; the main
+  process also says when the server comes under stress.
 * AUTH throttling: each worker runs its own ``AuthThrottle`` (its answer
   delays, its blocks, its pool of checks), and every failure found by one
   is counted by all the others, through the main process.
 * The queue: each message queued is told to the main process, whose
   scheduler tries it at once.
-* Metrics: the main process counts connections from the slots, and TLS
-  handshakes from what ``ReportingSessions`` tells.
+* Metrics: ``ReportingSessions`` tells the main process the connections
+  made and open, a few times a second at most, and each TLS handshake.
 * The log: every event goes to standard output as one line of JSON, for
   the main process to emit again.
 
@@ -31,12 +32,14 @@ import signal
 import socket
 import sys
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from twisted.application import service
 from twisted.cred import strcred
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, eventAsJSON, globalLogBeginner
 from twisted.python.failure import Failure
 
@@ -51,14 +54,21 @@ from twisted_mta.workers.commands import (
     Handshake,
     Queued,
     QuietAMP,
+    Reclaim,
     Release,
     Reload,
     RenewCertificate,
     Serving,
+    Stress,
+    Tally,
 )
 from twisted_mta.workers.supervisor import CONTROL_FD, GivenProtocol, ListeningSocket
 
 _PR_SET_PDEATHSIG = 1
+# Free slots of an address not used since the last sweep are given back.
+SWEEP_INTERVAL = 1.0
+# Connections made and closed are told at most this long after.
+TALLY_DELAY = 0.2
 
 _log = Logger()
 
@@ -73,16 +83,27 @@ class MainChannel(QuietAMP):
         self.throttle: AuthThrottle | None = None
         self.reread: Callable[[], object] | None = None
         self.renew_certificate: Callable[[], None] | None = None
+        self.limits: RemoteLimits | None = None
         self._on_lost = on_lost
 
     def queued(self, queue_id: str) -> None:
-        self.callRemote(Queued, queue_id=queue_id)
+        self.tell(Queued, queue_id=queue_id)
 
     def auth_failed(self, ip: str, when: float) -> None:
-        self.callRemote(AuthFailed, ip=ip, when=when)
+        self.tell(AuthFailed, ip=ip, when=when)
 
     def handshake(self, listener: str, completed: bool) -> None:
-        self.callRemote(Handshake, listener=listener, completed=completed)
+        self.tell(Handshake, listener=listener, completed=completed)
+
+    @Reclaim.responder
+    def reclaim(self, ip: str) -> dict:
+        returned = [] if self.limits is None else self.limits.reclaim(ip)
+        return {"returned": [{"ip": each, "count": count} for each, count in returned]}
+
+    @Stress.responder
+    def stress(self, stressed: bool) -> dict:
+        self.stressed = stressed
+        return {}
 
     @Reload.responder
     def reload(self) -> dict:
@@ -107,42 +128,149 @@ class MainChannel(QuietAMP):
         self._on_lost()
 
 
+@dataclass
+class _Lease:
+    """The slots of one address that this worker holds."""
+
+    in_use: int = 0
+    free: int = 0
+    # Free slots the main process lets this worker keep for the address.
+    keep: int = 0
+
+
 class RemoteLimits:
     """The connection limits, kept by the main process for all workers,
-    as the sessions of one listener see them."""
+    as this worker's sessions see them.
 
-    def __init__(self, channel: MainChannel, listener: str) -> None:
+    Slots are leased: while the limits are far off, the main process
+    grants a few more than the one asked for, and a closed connection's
+    slot is kept, so that the next connections of a busy client are served
+    without a round trip.  A free slot goes back to the main process when
+    the lease shrinks, once its address has been idle for a sweep, or at
+    once when a connection elsewhere needs it (``reclaim``): a client is
+    refused only when the connections it has open reach a limit.
+    """
+
+    def __init__(self, channel: MainChannel, clock: IReactorTime) -> None:
         self._channel = channel
-        self._listener = listener
+        self._leases: dict[str, _Lease] = {}
+        self._used: set[str] = set()
+        self._sweeps = task.LoopingCall(self.sweep)
+        self._sweeps.clock = clock
+        channel.limits = self
 
     @property
     def stressed(self) -> bool:
         return self._channel.stressed
 
-    def acquire(self, ip: str) -> defer.Deferred:
-        """Fires with whether a connection of ``ip`` may be served."""
-        d = self._channel.callRemote(Acquire, listener=self._listener, ip=ip)
-        return d.addCallback(self._answered)
+    def start(self) -> None:
+        self._sweeps.start(SWEEP_INTERVAL, now=False)
 
-    def _answered(self, answer: dict) -> bool:
-        self._channel.stressed = answer["stressed"]
-        return answer["allowed"]
+    def stop(self) -> None:
+        if self._sweeps.running:
+            self._sweeps.stop()
+
+    def acquire(self, ip: str) -> bool | defer.Deferred:
+        """Whether a connection of ``ip`` may be served, or a Deferred
+        firing with it once the main process has answered."""
+        lease = self._leases.get(ip)
+        if lease is not None and lease.free:
+            lease.free -= 1
+            self._use(ip, lease)
+            return True
+        d = self._channel.callRemote(Acquire, ip=ip)
+        return d.addCallback(self._granted, ip)
+
+    def _granted(self, answer: dict, ip: str) -> bool:
+        granted = answer["granted"]
+        if not granted:
+            return False
+        lease = self._leases.setdefault(ip, _Lease())
+        lease.free += granted - 1
+        # A slot granted alone (near the limits) goes back once free.
+        lease.keep = granted if granted > 1 else 0
+        self._use(ip, lease)
+        self._trim(ip, lease)
+        return True
+
+    def _use(self, ip: str, lease: _Lease) -> None:
+        lease.in_use += 1
+        self._used.add(ip)
 
     def release(self, ip: str) -> None:
-        d = self._channel.callRemote(Release, listener=self._listener, ip=ip)
-        # Gone with the main process: there is nothing left to give back to.
-        d.addCallbacks(self._released, lambda _: None)
+        lease = self._leases[ip]
+        lease.in_use -= 1
+        lease.free += 1
+        self._trim(ip, lease)
 
-    def _released(self, answer: dict) -> None:
-        self._channel.stressed = answer["stressed"]
+    def sweep(self) -> None:
+        """Give back the free slots of every address unused since the
+        last sweep."""
+        for ip, lease in list(self._leases.items()):
+            if ip not in self._used:
+                lease.keep = 0
+                self._trim(ip, lease)
+        self._used.clear()
+
+    def reclaim(self, ip: str) -> list[tuple[str, int]]:
+        """Give up the free slots of ``ip``, or of every address if it is
+        empty; the slots given up, by address."""
+        returned = []
+        for each in [ip] if ip else list(self._leases):
+            lease = self._leases.get(each)
+            if lease is None:
+                continue
+            if lease.free:
+                returned.append((each, lease.free))
+            lease.free = lease.keep = 0
+            self._forget_if_unused(each, lease)
+        return returned
+
+    def _trim(self, ip: str, lease: _Lease) -> None:
+        excess = lease.free - lease.keep
+        if excess > 0:
+            lease.free -= excess
+            self._channel.tell(Release, ip=ip, count=excess)
+        self._forget_if_unused(ip, lease)
+
+    def _forget_if_unused(self, ip: str, lease: _Lease) -> None:
+        if not lease.in_use and not lease.free:
+            del self._leases[ip]
 
 
 class ReportingSessions(Sessions):
-    """The sessions of a worker, whose TLS handshakes the main process counts."""
+    """The sessions of a worker, whose connections and TLS handshakes the
+    main process counts.  Connections are told in one tally at most every
+    ``TALLY_DELAY``: the metrics need no message per connection."""
 
-    def __init__(self, channel: MainChannel) -> None:
+    def __init__(self, channel: MainChannel, clock: IReactorTime) -> None:
         super().__init__()
         self._channel = channel
+        self._clock = clock
+        self._told_made: Counter[str] = Counter()
+        self._told_open: Counter[str] = Counter()
+        self._telling = None
+
+    def add(self, server) -> None:
+        super().add(server)
+        self._changed()
+
+    def remove(self, server) -> None:
+        super().remove(server)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._telling is None:
+            self._telling = self._clock.callLater(TALLY_DELAY, self._tell)
+
+    def _tell(self) -> None:
+        self._telling = None
+        made, open_now = self.connections.copy(), self.open_by_listener()
+        for listener in set(made) | set(self._told_open):
+            new = made[listener] - self._told_made[listener]
+            if new or open_now[listener] != self._told_open[listener]:
+                self._channel.tell(Tally, listener=listener, made=new, open=open_now[listener])
+        self._told_made, self._told_open = made, open_now
 
     def handshake_completed(self, listener: str) -> None:
         super().handshake_completed(listener)
@@ -189,28 +317,28 @@ class WorkerService(SMTPService):
         sockets: Sequence[ListeningSocket],
         channel: MainChannel,
     ) -> None:
-        super().__init__(config, checkers, ReportingSessions(channel))
+        super().__init__(config, checkers, ReportingSessions(channel, reactor))
         self.channel = channel
+        self.limits = RemoteLimits(channel, reactor)
         channel.throttle = self.throttle
         channel.reread = self.reread
         channel.renew_certificate = self.renew_certificate
         self.throttle.on_failure = channel.auth_failed
         self.spool.on_queued = channel.queued
-        limits = {}
         for given in sockets:
-            if given.kind not in limits:
-                limits[given.kind] = RemoteLimits(channel, given.kind)
             self.add_listener(
                 given.kind,
-                limits[given.kind],
+                self.limits,
                 lambda factory, given=given: AdoptedListener(given, factory),
             )
 
     def startService(self) -> None:
         super().startService()
-        self.channel.callRemote(Serving, pid=os.getpid())
+        self.limits.start()
+        self.channel.tell(Serving, pid=os.getpid())
 
     def stopService(self) -> defer.Deferred:
+        self.limits.stop()
         d = self.stop_listening()
         d.addCallback(self.drain)
         return d.addBoth(self.stop_committer)
