@@ -95,6 +95,7 @@ class MTAService(SMTPService):
             relay_settings,
             self.store,
             timeouts=relay_timeouts(config),
+            per_destination=_queue_policy(config).per_destination,
         )
         self.router.policies = self.intake.system.policies
         self.router.setServiceParent(self.queue)

@@ -25,6 +25,7 @@ def store(tmp_path):
     queue(tmp_path, A, "Alice@Example.ORG", ["x@one.test", "y@two.test"])
     queue(tmp_path, B, "bob@example.org", ["z@two.test"])
     queue(tmp_path, C, "", ["postmaster@one.test"])
+    control.control_dir(tmp_path).mkdir()  # as a daemon that ran makes it
     return QueueStore(tmp_path)
 
 
@@ -87,13 +88,19 @@ def test_hold_then_release_makes_the_message_due_now(store, tmp_path):
     assert ids(control.hold(store, Selection(recipient="*@TWO.test"))) == [A, B]
     assert [m.held for m in store.messages()] == [True, True, False]
     assert ids(control.hold(store, Selection(everything=True))) == [C]
-    (tmp_path / control.FLUSH_FILE).unlink()
+    flush = control.control_dir(tmp_path) / control.FLUSH_FILE
+    flush.unlink()
     before = time.time()
     assert ids(control.release(store, Selection(ids=(A,)))) == [A]
     released = store.load(A)
     assert not released.held
     assert all(r.next_attempt >= before for r in released.recipients)
-    assert (tmp_path / control.FLUSH_FILE).exists()  # a running daemon rescans
+    assert flush.exists()  # a running daemon rescans
+
+
+def test_without_a_daemon_ever_started_no_rescan_is_asked(tmp_path):
+    control.request_rescan(tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_flush_leaves_held_messages_alone(store):

@@ -2,9 +2,10 @@
 
 Every change goes through ``QueueStore.update_if``/``remove_if`` under the
 queue lock, which check the selection again on the envelope as it is then.
-The daemon learns of it through ``queue/.flush``: the command rewrites that
-file, the daemon watches it (inotify) and schedules the whole queue again;
-a stopped daemon does the same at its next start.  Hold and release work
+The daemon learns of it through ``queue/control/flush``: the command
+rewrites that file, the daemon watches its folder (inotify: a folder of
+its own, so that the queue's own files raise no events) and schedules the
+whole queue again; a stopped daemon does the same at its next start.  Hold and release work
 the same way: ``held`` is in the envelope, the rescan leaves a held message
 unscheduled, and a released one is made due now before the rescan.
 """
@@ -22,13 +23,24 @@ from twisted_mta.queue.store import CorruptMessage, QueueStore
 from twisted_mta.storage.envelope import FAILED, QueuedMessage, RecipientState, UnknownMessage
 from twisted_mta.storage.files import write_atomically
 
-FLUSH_FILE = ".flush"
+CONTROL_DIR = "control"
+FLUSH_FILE = "flush"
 ADMIN_BOUNCE_STATUS = "5.0.0"
 
 
+def control_dir(queue_dir: Path) -> Path:
+    """Where the daemon listens for ``request_rescan``; made by the daemon
+    at its start, as its run user."""
+    return queue_dir / CONTROL_DIR
+
+
 def request_rescan(queue_dir: Path) -> None:
-    """Tell a running daemon to look at the queue again now."""
-    write_atomically(queue_dir / FLUSH_FILE, f"{time.time()}\n".encode(), 0o644)
+    """Tell a running daemon to look at the queue again now.  Without the
+    folder no daemon has started on this queue: its first start reads it
+    whole anyway."""
+    folder = control_dir(queue_dir)
+    if folder.is_dir():
+        write_atomically(folder / FLUSH_FILE, f"{time.time()}\n".encode(), 0o644)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """The queue in the running daemon: the scheduler and its wake-up calls.
 
 ``twisted-mta queue`` changes envelopes itself and then rewrites
-``queue/.flush``; this service hears that (inotify, else a poll of the
-file's time every few seconds) and has the scheduler look at the whole
-queue again.
+``queue/control/flush``; this service hears that (inotify on that folder,
+else a poll of the file's time every few seconds) and has the scheduler
+look at the whole queue again.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from twisted.application import service
 from twisted.internet import task
 
-from twisted_mta.queue.control import FLUSH_FILE
+from twisted_mta.queue.control import FLUSH_FILE, control_dir
 from twisted_mta.queue.scheduler import Scheduler
 from twisted_mta.watch import watch_directory
 
@@ -22,7 +22,7 @@ POLL_INTERVAL = 5.0
 
 class FlushListener(service.Service):
     def __init__(self, queue_dir: Path, scheduler: Scheduler, reactor) -> None:
-        self.queue_dir = queue_dir
+        self.directory = control_dir(queue_dir)
         self.scheduler = scheduler
         self.reactor = reactor
         self._notifier = None
@@ -31,7 +31,8 @@ class FlushListener(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self._notifier = watch_directory(self.reactor, self.queue_dir, self._arrived)
+        self.directory.mkdir(mode=0o700, exist_ok=True)
+        self._notifier = watch_directory(self.reactor, self.directory, self._arrived)
         if self._notifier is None:
             self._poll = task.LoopingCall(self._check)
             self._poll.clock = self.reactor
@@ -57,6 +58,6 @@ class FlushListener(service.Service):
 
     def _flush_time(self) -> int | None:
         try:
-            return (self.queue_dir / FLUSH_FILE).stat().st_mtime_ns
+            return (self.directory / FLUSH_FILE).stat().st_mtime_ns
         except OSError:
             return None

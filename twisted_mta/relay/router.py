@@ -33,6 +33,7 @@ from twisted_mta.queue.scheduler import Outcome, envelope_info
 from twisted_mta.queue.store import QueueStore
 from twisted_mta.relay.mx import RouteError, host_addresses, mx_hosts
 from twisted_mta.relay.outgoing import Outgoing, RelayError, RelayTarget, Timeouts, TLSMode
+from twisted_mta.relay.pool import IdleSessions
 from twisted_mta.relay.session import open_session
 from twisted_mta.storage.envelope import QueuedMessage, RecipientState
 
@@ -68,11 +69,6 @@ class RouterSettings:
     resolvers: tuple[tuple[str, int], ...] = ()
 
 
-# How long an idle connection is kept for the next message to the same
-# destination (Postfix's smtp_connection_cache_time_limit is 2 s).
-IDLE_SECONDS = 5.0
-
-
 @dataclass
 class Router(service.Service):
     reactor: object
@@ -82,12 +78,16 @@ class Router(service.Service):
     store: QueueStore
     timeouts: Timeouts = Timeouts()
     policies: PolicyChain = NO_POLICIES
-    _idle: dict = field(default_factory=dict)
+    # As many attempts as the scheduler runs to one destination at once.
+    per_destination: int = 5
+    _idle: IdleSessions = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._idle = IdleSessions(self.reactor, self.per_destination)
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
-        closing = [self._checkout(key) for key in list(self._idle)]
-        return defer.DeferredList([s.close() for s in closing if s is not None])
+        return self._idle.close_all()
 
     def _outbound(
         self, message: QueuedMessage, addresses: tuple[str, ...], path: Path, size: int
@@ -134,7 +134,7 @@ class Router(service.Service):
             queue_id=message.id,
         )
         key = self.destination(addresses[0])
-        cached = self._checkout(key)
+        cached = self._idle.check_out(key)
         if cached is not None:
             return await self._send(key, cached, outgoing)
         try:
@@ -165,38 +165,14 @@ class Router(service.Service):
         try:
             result = await session.send(outgoing)
         finally:
-            if result is not None and not any(_temporary(r) for r in result.results):
-                self._checkin(key, session)
+            if self.running and result is not None and not any(map(_temporary, result.results)):
+                self._idle.check_in(key, session)
             else:
                 session.close()
         return [
             Outcome(r.address, r.delivered, r.permanent, r.status, r.text, result.remote)
             for r in result.results
         ]
-
-    def _checkin(self, key: str, session) -> None:
-        if not (self.running and session.usable) or key in self._idle:
-            session.close()
-            return
-        timer = self.reactor.callLater(IDLE_SECONDS, self._expire, key)
-        self._idle[key] = (session, timer)
-
-    def _checkout(self, key: str):
-        """An idle session to ``key`` that can still be used, or None."""
-        entry = self._idle.pop(key, None)
-        if entry is None:
-            return None
-        session, timer = entry
-        if timer.active():
-            timer.cancel()
-        if session.usable:
-            return session
-        session.close()
-        return None
-
-    def _expire(self, key: str) -> None:
-        session, _ = self._idle.pop(key)
-        session.close()
 
     async def _targets(self, domain: str) -> list[RelayTarget]:
         smarthost = self.settings.smarthost
