@@ -47,7 +47,8 @@ from twisted_mta.intake.policies import PluginError
 from twisted_mta.metrics import Health, Metrics, MetricsObserver, metrics_site
 from twisted_mta.queue.bounces import dsn_reporter
 from twisted_mta.queue.flush import FlushListener
-from twisted_mta.queue.scheduler import Policy, Scheduler
+from twisted_mta.queue.outcomes import Policy
+from twisted_mta.queue.scheduler import Scheduler
 from twisted_mta.queue.store import CorruptMessage, QueueStore
 from twisted_mta.queue.writer import QueueWriter
 from twisted_mta.relay.outgoing import Timeouts

@@ -9,7 +9,8 @@ from twisted.internet import defer, task
 from tests.helpers.queue_worker import BatchingWorker
 from tests.helpers.threads import TIMEOUT, ThreadReactor
 from twisted_mta.queue import store as store_module
-from twisted_mta.queue.scheduler import Outcome, Policy, Scheduler
+from twisted_mta.queue.outcomes import Outcome, Policy
+from twisted_mta.queue.scheduler import Scheduler
 from twisted_mta.queue.store import QueueStore
 from twisted_mta.queue.writer import QueueWriter
 from twisted_mta.storage.committer import Committer

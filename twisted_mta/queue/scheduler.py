@@ -3,19 +3,12 @@
 The scheduler keeps each queued message's next due time in memory and one
 timer for the earliest of them: nothing polls.  A due message's pending
 recipients are grouped by destination (their domain, or the smart host),
-each group is one delivery attempt, and at most ``max_concurrent`` attempts
-run at once (``per_destination`` to one destination), however many
-destinations one message has.  A message that waits for a slot is read
-again when one frees where it waits (its destination, or any slot), one
-message per free slot, the longest waiting first; at the limit nothing
-runs but the attempts (no busy loop, and no reading of every waiting
-message each time an attempt ends).
-A recipient is never in two attempts at once.  After an attempt:
-
-* delivered recipients are ``sent``;
-* permanent failures are ``failed``;
-* temporary failures wait ``retry_min * 2**(attempts-1)``, at most
-  ``retry_max``; past ``lifetime`` since arrival they fail too (4.4.7).
+each group is one delivery attempt, run when it has a slot
+(:mod:`twisted_mta.queue.slots`: how many run at once, in all and to one
+destination, and who waits), however many destinations one message has.
+A recipient is never in two attempts at once.  What an attempt's result
+makes of each recipient (sent, failed, retried after a backoff, expired)
+is :mod:`twisted_mta.queue.outcomes`.
 
 When no recipient is pending any more, the failed ones are reported to the
 sender in one DSN (never for the null sender) and the message leaves the
@@ -49,7 +42,6 @@ queue`` asks for it) is one job of that thread too.
 from __future__ import annotations
 
 import heapq
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -58,43 +50,23 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_mta import maillog
 from twisted_mta.intake.policies import NO_POLICIES, PolicyChain
 from twisted_mta.intake.spool import StorageError
-from twisted_mta.interfaces import DeliveryResult, EnvelopeInfo
+from twisted_mta.interfaces import DeliveryResult
+from twisted_mta.queue.outcomes import (
+    Outcome,
+    Policy,
+    apply_outcome,
+    envelope_info,
+    log_attempt,
+)
+from twisted_mta.queue.slots import Slots
 from twisted_mta.queue.store import CorruptMessage, QueueStore, delivered
 from twisted_mta.queue.writer import QueueWriter
 from twisted_mta.storage.envelope import FAILED, SENT, QueuedMessage, RecipientState, UnknownMessage
 
-EXPIRED_STATUS = "4.4.7"
-
 _log = Logger()
 
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """The result of one attempt for one recipient."""
-
-    address: str
-    delivered: bool
-    permanent: bool
-    status: str
-    text: str
-    remote: str | None = None
-
-
-@dataclass(frozen=True)
-class Policy:
-    retry_min: float
-    retry_max: float
-    lifetime: float
-    delay_warning: float = 0.0
-    max_concurrent: int = 20
-    per_destination: int = 5
-
-    def backoff(self, attempts: int) -> float:
-        return min(self.retry_min * 2 ** max(attempts - 1, 0), self.retry_max)
 
 
 Change = Callable[[QueuedMessage], None]
@@ -119,23 +91,16 @@ class Scheduler(service.Service):
     _in_flight: dict[str, set[str]] = field(default_factory=dict)
     # Messages being reported and removed: not to be looked at meanwhile.
     _finishing: set[str] = field(default_factory=set)
-    # Messages waiting for a slot, by destination (None: for any slot, all
-    # attempts being at their limit), the longest waiting first.
-    _waiting: dict[str | None, dict[str, None]] = field(default_factory=dict)
-    # Waiting messages released for a destination's slot, which they hold
-    # while they are read again: message -> destination, and their count.
-    _released: dict[str, str] = field(default_factory=dict)
-    _reserved: Counter = field(default_factory=Counter)
-    # Messages being read for an attempt: each holds a slot meanwhile.
-    _loading: set[str] = field(default_factory=set)
+    _slots: Slots = field(init=False)
     # Each message as its last attempt recorded it, None once removed: what
     # decides what comes next when its attempts are over.
     _last_recorded: dict[str, QueuedMessage | None] = field(default_factory=dict)
-    _running: Counter = field(default_factory=Counter)
-    _total: int = 0
     # Changes to envelopes not yet on disk (ENOSPC): id -> changes, in order.
     _unwritten: dict[str, list[Change]] = field(default_factory=dict)
     policies: PolicyChain = NO_POLICIES
+
+    def __post_init__(self) -> None:
+        self._slots = Slots(self.policy.max_concurrent, self.policy.per_destination)
 
     def startService(self) -> None:
         super().startService()
@@ -232,7 +197,7 @@ class Scheduler(service.Service):
         self._timer = None
         if self._due:
             delay = max(self._due[0][0] - self.clock.seconds(), 0.0)
-            if delay == 0 and self._busy() >= self.policy.max_concurrent:
+            if delay == 0 and self._slots.full():
                 return  # the next attempt or read to finish wakes us
             self._timer = self.clock.callLater(delay, self._run_due)
 
@@ -240,9 +205,9 @@ class Scheduler(service.Service):
         self._timer = None
         now = self.clock.seconds()
         seen: set[str] = set()
-        while self._due and self._due[0][0] <= now and self._busy() < self.policy.max_concurrent:
+        while self._due and self._due[0][0] <= now and not self._slots.full():
             _, queue_id = heapq.heappop(self._due)
-            if queue_id in seen or queue_id in self._loading:
+            if queue_id in seen or self._slots.loading(queue_id):
                 # Already handled in this round: look again a little later.
                 heapq.heappush(self._due, (now + 1.0, queue_id))
             elif queue_id not in self._finishing:
@@ -250,11 +215,8 @@ class Scheduler(service.Service):
                 self._process(queue_id)
         self._wake()
 
-    def _busy(self) -> int:
-        return self._total + len(self._loading)
-
     def _process(self, queue_id: str) -> None:
-        self._loading.add(queue_id)
+        self._slots.start_read(queue_id)
         d = self._read(queue_id)
         d.addBoth(self._read_done, queue_id)
         d.addCallback(self._start_attempts)
@@ -263,10 +225,7 @@ class Scheduler(service.Service):
         d.addBoth(lambda _: self._unblock())
 
     def _read_done(self, result: object, queue_id: str) -> object:
-        self._loading.discard(queue_id)
-        destination = self._released.pop(queue_id, None)
-        if destination is not None:
-            self._reserved[destination] -= 1
+        self._slots.read_done(queue_id)
         return result
 
     def _not_read(self, failure: Failure, queue_id: str) -> None:
@@ -297,13 +256,13 @@ class Scheduler(service.Service):
         groups: dict[str, list[RecipientState]] = {}
         for recipient in due:
             groups.setdefault(self.destination(recipient.address), []).append(recipient)
-        capacity = self.policy.max_concurrent - self._busy()
+        capacity = self.policy.max_concurrent - self._slots.busy()
         startable = {}
         for destination, recipients in groups.items():
-            if not self._has_slot(destination):
-                self._wait(queue_id, destination)
+            if not self._slots.has_slot(destination):
+                self._slots.wait(queue_id, destination)
             elif len(startable) >= capacity:
-                self._wait(queue_id, None)
+                self._slots.wait(queue_id, None)
             else:
                 startable[destination] = recipients
         for destination, recipients in startable.items():
@@ -311,11 +270,8 @@ class Scheduler(service.Service):
 
     def _attempt(self, message: QueuedMessage, destination: str, recipients) -> None:
         addresses = {r.address for r in recipients}
-        # Tried by another way (a rescan): no longer waiting there.
-        self._waiting.get(destination, {}).pop(message.id, None)
+        self._slots.start_attempt(message.id, destination)
         self._in_flight.setdefault(message.id, set()).update(addresses)
-        self._running[destination] += 1
-        self._total += 1
         d = defer.maybeDeferred(self.deliver, message, recipients)
         d.addCallback(self._record, message, recipients)
         d.addErrback(self._attempt_crashed, message, recipients)
@@ -323,8 +279,7 @@ class Scheduler(service.Service):
         d.addBoth(lambda _: self._attempt_done(message.id, destination, addresses))
 
     def _attempt_done(self, queue_id: str, destination: str, addresses: set[str]) -> None:
-        self._running[destination] -= 1
-        self._total -= 1
+        self._slots.end_attempt(destination)
         flying = self._in_flight.get(queue_id, set())
         flying -= addresses
         if not flying:
@@ -332,37 +287,11 @@ class Scheduler(service.Service):
             self._finished(queue_id)
         self._unblock()
 
-    def _has_slot(self, destination: str) -> bool:
-        taken = self._running[destination] + self._reserved[destination]
-        return taken < self.policy.per_destination
-
-    def _wait(self, queue_id: str, destination: str | None) -> None:
-        self._waiting.setdefault(destination, {})[queue_id] = None
-
     def _unblock(self) -> None:
         """Slots are free: as many waiting messages are read again."""
-        for destination in list(self._waiting):
-            waiting = self._waiting.get(destination, {})
-            while waiting and self._slot_free(destination):
-                self._release(next(iter(waiting)), destination)
-            if not self._waiting.get(destination, True):
-                del self._waiting[destination]
+        for queue_id in self._slots.release(self._finishing):
+            self._process(queue_id)
         self._wake()
-
-    def _slot_free(self, destination: str | None) -> bool:
-        if self._busy() >= self.policy.max_concurrent:
-            return False
-        return destination is None or self._has_slot(destination)
-
-    def _release(self, queue_id: str, destination: str | None) -> None:
-        for waiting in self._waiting.values():
-            waiting.pop(queue_id, None)
-        if queue_id in self._loading or queue_id in self._finishing:
-            return  # already being read (it waits again if it must), or done
-        if destination is not None:
-            self._released[queue_id] = destination
-            self._reserved[destination] += 1
-        self._process(queue_id)
 
     def _attempt_crashed(
         self, failure, message: QueuedMessage, recipients
@@ -387,7 +316,7 @@ class Scheduler(service.Service):
                 # Applied once only: a write reported as failed (its
                 # directory fsync) may have reached the disk all the same.
                 if outcome is not None and state.pending and state.last_attempt != now:
-                    _apply(state, outcome, now, expired, self.policy)
+                    apply_outcome(state, outcome, now, expired, self.policy)
 
         d = self._change(message.id, change)
         d.addErrback(_gone_meanwhile)
@@ -413,7 +342,7 @@ class Scheduler(service.Service):
         self._last_recorded[queue_id] = None if gone else updated
         for state in updated.recipients:
             if state.address in by_address and state.last_attempt == now:
-                _log_attempt(updated, state, by_address[state.address], now)
+                log_attempt(updated, state, by_address[state.address], now)
                 if not state.pending:
                     self._tell_delivered(updated, state)
 
@@ -526,49 +455,6 @@ def _applying(changes: Sequence[Change]) -> Change:
             change(message)
 
     return apply_all
-
-
-def _apply(
-    state: RecipientState, outcome: Outcome, now: float, expired: bool, policy: Policy
-) -> None:
-    state.attempts += 1
-    state.last_attempt = now
-    state.remote = outcome.remote
-    state.status = outcome.status
-    state.last_error = None if outcome.delivered else outcome.text
-    if outcome.delivered:
-        state.state = SENT
-    elif outcome.permanent:
-        state.state = FAILED
-    elif expired:
-        state.state = FAILED
-        state.status = EXPIRED_STATUS
-        state.last_error = f"message expired after too many attempts; last error: {outcome.text}"
-    else:
-        state.next_attempt = now + policy.backoff(state.attempts)
-
-
-def envelope_info(message: QueuedMessage) -> EnvelopeInfo:
-    """A queued message's envelope, as the policies see it."""
-    return EnvelopeInfo(
-        message.id,
-        message.sender,
-        tuple(r.address for r in message.recipients),
-        message.client.get("ip"),
-        message.client.get("listener"),
-        message.authenticated,
-    )
-
-
-def _log_attempt(
-    message: QueuedMessage, state: RecipientState, outcome: Outcome, now: float
-) -> None:
-    status = {SENT: "sent", FAILED: "bounced"}.get(state.state, "deferred")
-    # Like Postfix, a delivery shows the remote's reply (its queue id).
-    detail = f"{state.status} {state.last_error or outcome.text or 'delivered'}"
-    maillog.delivery(
-        message.id, state.address, state.remote or "none", now - message.arrival, status, detail
-    )
 
 
 def _logged(failure: Failure, text: str, queue_id: str) -> None:

@@ -29,7 +29,7 @@ from twisted_mta.intake.policies import (
     message_info,
 )
 from twisted_mta.intake.policies import Outcome as PolicyOutcome
-from twisted_mta.queue.scheduler import Outcome, envelope_info
+from twisted_mta.queue.outcomes import Outcome, envelope_info
 from twisted_mta.queue.store import QueueStore
 from twisted_mta.relay.mx import RouteError, host_addresses, mx_hosts
 from twisted_mta.relay.outgoing import Outgoing, RelayError, RelayTarget, Timeouts, TLSMode
