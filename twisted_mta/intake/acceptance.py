@@ -54,7 +54,7 @@ from twisted_mta.mail.mailbox import Mailbox, UnsafeMailboxName
 from twisted_mta.storage.envelope import Envelope, new_queue_id
 
 
-@dataclass
+@dataclass(slots=True)
 class Session:
     """What is known about the client of a transaction.
 

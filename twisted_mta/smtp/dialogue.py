@@ -62,6 +62,22 @@ class Dialogue(smtp.ESMTP):
     neither replies nor input pile up.
     """
 
+    # The session's state starts as these class defaults: an instance holds
+    # only what it changed, so that an idle session's attributes stay few
+    # enough for CPython's compact shared-key dict (thousands of idle
+    # sessions are held at once).
+    input_mode = COMMAND
+    _busy = False
+    _processing = False
+    _paused = False
+    _output_blocked = False
+    _errors = 0
+    _junk = 0
+    _junk_verb = False
+    _cut = None
+    _producing = False
+    _shutting_down = False
+
     def __init__(
         self,
         settings: ServerSettings,
@@ -74,17 +90,6 @@ class Dialogue(smtp.ESMTP):
         self.settings = settings
         self.limits = limits
         self.input = InputBuffer()
-        self.input_mode = COMMAND
-        self._busy = False
-        self._processing = False
-        self._paused = False
-        self._output_blocked = False
-        self._errors = 0
-        self._junk = 0
-        self._junk_verb = False
-        self._cut = None
-        self._producing = False
-        self._shutting_down = False
 
     # -- what a session makes of its input ------------------------------
 

@@ -33,6 +33,8 @@ class InputBuffer:
     A ``bytearray``: removing a consumed line from the front is O(1).
     """
 
+    __slots__ = ("_data", "_skipping_long_line")
+
     def __init__(self) -> None:
         self._data = bytearray()
         self._skipping_long_line = False

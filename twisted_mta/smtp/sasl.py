@@ -99,6 +99,12 @@ class SaslHost(Protocol):
 class Authenticator:
     """The AUTH exchanges of one session, and its count of failed ones."""
 
+    # One per session, idle ones included: no instance dict.
+    __slots__ = (
+        "_host", "_settings", "_throttle", "_clock", "_session",
+        "_challenger", "_mechanism", "_failures", "_attempt",
+    )
+
     def __init__(
         self,
         host: SaslHost,

@@ -67,6 +67,15 @@ class MTAServer(Dialogue):
     ``Authenticator`` may use (``SaslHost``).
     """
 
+    # Class defaults, as ``Dialogue``'s: set on the instance once changed.
+    session: Session | None = None
+    _auth: Authenticator | None = None
+    _counted = False
+    _handshaken = False
+    _transfer: DataTransfer | None = None
+    _mail = None
+    _offered = None
+
     def __init__(
         self,
         settings: ServerSettings,
@@ -81,13 +90,6 @@ class MTAServer(Dialogue):
         self.sessions = sessions if sessions is not None else Sessions()
         self.throttle = throttle or AuthThrottle(base_delay=1.0)
         self.clock = clock or reactor
-        self.session: Session | None = None
-        self._auth: Authenticator | None = None
-        self._counted = False
-        self._handshaken = False
-        self._transfer: DataTransfer | None = None
-        self._mail = None
-        self._offered = None
 
     # -- connection ---------------------------------------------------
 
