@@ -187,7 +187,7 @@ def test_sigkill_loses_no_acknowledged_queued_message(start_mta):
     daemon = start_mta(users=USERS, extra=extra)
     ledger = crash_under_load(daemon, lambda n: f"user{n}@remote.example")
     queue = daemon.spool / "queue"
-    names = {p.name for p in queue.iterdir() if not p.name.startswith(".")}
+    names = {p.name for p in queue.iterdir() if p.is_file() and not p.name.startswith(".")}
     stems = {name.rsplit(".", 1)[0] for name in names}
     assert names == {f"{s}.msg" for s in stems} | {f"{s}.env" for s in stems}, "orphans left"
     assert {qid for qid in ledger.acknowledged.values()} <= stems, "acknowledged messages lost"

@@ -143,6 +143,15 @@ def test_cut_in_two_everywhere_and_byte_by_byte(stream):
     assert expected.matches(decode(stream[i : i + 1] for i in range(len(stream))))
 
 
+def test_every_short_mix_of_cr_lf_and_text_decodes_as_the_reference():
+    """Every line made of ``a``, CR and LF up to six octets: a bare CR or LF
+    anywhere is refused, and CRLF alone becomes LF."""
+    for length in range(7):
+        for octets in itertools.product(b"a\r\n", repeat=length):
+            stream = bytes(octets) + b"\r\nz\r\n.\r\n"
+            assert reference(stream).matches(decode([stream])), stream
+
+
 def test_reference_agrees_with_rfc_examples():
     """The reference itself, on cases whose answer is known by heart."""
     assert reference(b".\r\n").matches(Outcome(b"", None, b""))
