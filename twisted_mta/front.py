@@ -30,7 +30,7 @@ from twisted_mta.directory.resolve import Directory
 from twisted_mta.intake.acceptance import MailSystem
 from twisted_mta.intake.policies import NO_POLICIES, PluginError, PolicyChain, load_policies
 from twisted_mta.intake.spool import Spool
-from twisted_mta.interfaces import PolicyContext
+from twisted_mta.interfaces import NO_PEERS, IPolicyPeers, PolicyContext
 from twisted_mta.relay.resolver import make_resolver
 from twisted_mta.smtp.factory import MTAFactory
 from twisted_mta.smtp.limits import ConnectionLimits, ServerSettings, Sessions
@@ -118,6 +118,8 @@ class SMTPService(service.MultiService):
 
     # Whether it watches the certificate's files itself (a worker is told).
     watches_certificate = True
+    # The other processes running the same policies: none for one process.
+    peers: IPolicyPeers = NO_PEERS
 
     def __init__(
         self, config: Config, checkers: Sequence = (), sessions: Sessions | None = None
@@ -134,7 +136,7 @@ class SMTPService(service.MultiService):
         self.throttle = AuthThrottle(
             config.auth.failure_delay, config.limits.max_auth_failures_per_ip
         )
-        self.intake = build_intake(config, self.spool, self.checkers)
+        self.intake = build_intake(config, self.spool, self.checkers, self.peers)
         self.listeners = service.MultiService()
         self.listeners.setServiceParent(self)
         self.proxies: list[ProxyWrappingFactory] = []
@@ -205,7 +207,7 @@ class SMTPService(service.MultiService):
 
     def _apply(self, config: Config) -> None:
         """Serve new connections by ``config``; raises PluginError."""
-        self.intake = build_intake(config, self.spool, self.checkers)
+        self.intake = build_intake(config, self.spool, self.checkers, self.peers)
         for kind, factories in self.factories.items():
             for factory in factories:
                 factory.reconfigure(
@@ -288,9 +290,12 @@ def resolver_addresses(config: Config) -> tuple[tuple[str, int], ...]:
     return tuple(parse_hostport(entry, 53) for entry in config.relay.resolvers)
 
 
-def build_intake(config: Config, spool: Spool, checkers: Sequence = ()) -> Intake:
+def build_intake(
+    config: Config, spool: Spool, checkers: Sequence = (), peers: IPolicyPeers = NO_PEERS
+) -> Intake:
     """The mail system, the cred portal and the AUTH mechanisms of ``config``:
-    what decides on mail and logins, for the server and for the tests."""
+    what decides on mail and logins, for the server and for the tests;
+    ``peers`` are the other processes running the same policies."""
     directory = Directory(
         frozenset(config.domains.local),
         config.domains.recipient_delimiter,
@@ -304,14 +309,14 @@ def build_intake(config: Config, spool: Spool, checkers: Sequence = ()) -> Intak
         config.relay.networks,
         config.auth.received_user,
         config.limits.max_hops,
-        _policies(config),
+        _policies(config, peers),
     )
     portal = _portal(MailRealm(system), directory, config, checkers)
     mechanisms = usable_mechanisms(challengers(config.auth.mechanisms, config.hostname), portal)
     return Intake(system, portal, mechanisms)
 
 
-def _policies(config: Config) -> PolicyChain:
+def _policies(config: Config, peers: IPolicyPeers) -> PolicyChain:
     """The enabled policy plugins; raises PluginError."""
     plugins = config.plugins
     if not plugins.enabled:
@@ -322,6 +327,7 @@ def _policies(config: Config) -> PolicyChain:
         state_dir=config.spool / "plugins",
         resolver=make_resolver(resolver_addresses(config)),
         trusted_networks=config.relay.networks,
+        peers=peers,
     )
     return load_policies(plugins.enabled, plugins.options, plugins.timeout, context)
 

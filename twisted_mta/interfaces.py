@@ -22,7 +22,7 @@ from email.message import Message
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from zope.interface import Attribute, Interface
+from zope.interface import Attribute, Interface, implementer
 
 REJECT, TEMPFAIL, ACCEPT, PROCEED = "reject", "tempfail", "accept", "proceed"
 
@@ -181,6 +181,36 @@ class DeliveryResult:
     detail: str
 
 
+class IPolicyPeers(Interface):
+    """The other processes that run the same policies (``[limits]
+    workers``): what a policy counts in one of them, it can tell the others,
+    so that a limit holds over all.  A policy tells and listens on a topic
+    of its own, e.g. its name."""
+
+    def tell(topic: str, payload: str) -> None:
+        """Pass ``payload`` to the listener of ``topic`` in every other
+        process, soon; no answer."""
+
+    def listen(topic: str, heard: Callable[[str], None]) -> None:
+        """Call ``heard(payload)`` for what the others tell on ``topic``; a
+        later listener of a topic replaces the earlier (a reload makes the
+        policies anew)."""
+
+
+@implementer(IPolicyPeers)
+class NoPeers:
+    """One process: no one to tell, nothing to hear."""
+
+    def tell(self, topic: str, payload: str) -> None:
+        pass
+
+    def listen(self, topic: str, heard: Callable[[str], None]) -> None:
+        pass
+
+
+NO_PEERS = NoPeers()
+
+
 @dataclass(frozen=True)
 class PolicyContext:
     """What a factory may use to make its policy.
@@ -188,7 +218,8 @@ class PolicyContext:
     ``state_dir`` is a folder of the plugin's own under the spool, for
     what it must remember across restarts; ``resolver`` is a
     ``twisted.names`` resolver using ``[relay] resolvers``;
-    ``trusted_networks`` are ``[relay] networks``.
+    ``trusted_networks`` are ``[relay] networks``; ``peers``
+    (:class:`IPolicyPeers`) the other processes running the same policies.
     """
 
     reactor: Any
@@ -196,6 +227,7 @@ class PolicyContext:
     state_dir: Path
     resolver: Any
     trusted_networks: Sequence[Any] = field(default_factory=tuple)
+    peers: IPolicyPeers = NO_PEERS
 
 
 class IMailPolicy(Interface):

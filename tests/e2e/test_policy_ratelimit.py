@@ -4,9 +4,13 @@ networks`` trusts only 127.0.0.1)."""
 
 from __future__ import annotations
 
+import re
+from concurrent.futures import ThreadPoolExecutor
+
 from tests.helpers.accounts import ALIASES, USERS
 from tests.helpers.daemon import (
     Daemon,
+    eventually,
     failed_start,
     fresh_client_address,
     insecure_context,
@@ -25,11 +29,12 @@ per_address = 2
 per_user = 1
 window = "1h"
 """
+# Messages of one client before its MAIL gets 450, over all workers.
+LIMIT = 12
 
 
 def daemon_with(tmp_path, extra: str = RATELIMIT) -> Daemon:
-    # One process: these tests count what one plugin instance remembers
-    # (each worker process has its own; see README, "Processes").
+    # One process: the limit over several is the last test's.
     extra += "\n[limits]\nworkers = 1\n"
     return make_daemon(tmp_path / "mta", users=USERS, aliases=ALIASES, extra=extra)
 
@@ -101,3 +106,51 @@ def test_bad_options_stop_the_start_in_one_line(tmp_path):
 
 def test_help_plugins_lists_ratelimit():
     assert "ratelimit" in installed_plugins()
+
+
+def mail_only(daemon: Daemon, address: str) -> int:
+    """MAIL's reply code; nothing is sent, so nothing is counted."""
+    with daemon.smtp(source_address=(address, 0)) as client:
+        client.ehlo("client.example.org")
+        return client.mail("friend@remote.example")[0]
+
+
+def workers_that_accepted(daemon: Daemon, address: str, accepted: int) -> set[str]:
+    """The workers that logged the ``accepted`` messages of ``address``
+    (their lines reach the log through the main process, after the 250)."""
+    line = re.compile(rf"\[(worker-\d)\] id=\w+ from=.* client=unknown\[{re.escape(address)}\]")
+
+    def systems() -> list[str]:
+        return [m.group(1) for text in list(daemon.log) if (m := line.search(text))]
+
+    assert eventually(lambda: len(systems()) >= accepted)
+    return set(systems())
+
+
+def test_the_limit_holds_over_all_worker_processes(tmp_path):
+    """A message counted by one worker counts in the others: the client's
+    connections land on either worker, and the limit is still the client's."""
+    extra = RATELIMIT.replace("per_address = 2", f"per_address = {LIMIT}")
+    extra += "\n[limits]\nworkers = 2\n"
+    daemon = make_daemon(tmp_path / "mta", users=USERS, aliases=ALIASES, extra=extra).start()
+    stranger = fresh_client_address()
+    try:
+        accepted = 0
+        # Connections at once, so that both workers take some.
+        while accepted < LIMIT and len(workers_that_accepted(daemon, stranger, accepted)) < 2:
+            batch = min(4, LIMIT - accepted)
+            with ThreadPoolExecutor(batch) as pool:
+                replies = list(pool.map(lambda _: send_from(daemon, stranger), range(batch)))
+            assert all(code == 250 for code, _ in replies)
+            accepted += batch
+        assert workers_that_accepted(daemon, stranger, accepted) == {"worker-1", "worker-2"}
+        while accepted < LIMIT:
+            assert send_from(daemon, stranger)[0] == 250
+            accepted += 1
+        # Each worker counted only some of them itself: the others' reach
+        # it through the main process.
+        assert eventually(lambda: mail_only(daemon, stranger) == 450)
+        assert [mail_only(daemon, stranger) for _ in range(6)] == [450] * 6
+        assert len(daemon.messages("example.test", "bob")) == LIMIT
+    finally:
+        daemon.stop()

@@ -11,6 +11,7 @@ from twisted.plugin import IPlugin
 
 from twisted_mta.durations import option_seconds
 from twisted_mta.interfaces import (
+    NO_PEERS,
     IMailPolicy,
     IMailPolicyFactory,
     PolicyContext,
@@ -25,13 +26,28 @@ STRANGER = SessionInfo(client_ip="192.0.2.7", listener="smtp")
 ALICE = SessionInfo(client_ip="192.0.2.8", listener="submission", user="alice@example.test")
 
 
-def make(options, clock=None):
+class Peers:
+    """Two processes' worth of peers: what one tells, the other hears."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple[str, str]] = []
+        self.listeners: dict[str, object] = {}
+
+    def tell(self, topic: str, payload: str) -> None:
+        self.told.append((topic, payload))
+
+    def listen(self, topic: str, heard) -> None:
+        self.listeners[topic] = heard
+
+
+def make(options, clock=None, peers=NO_PEERS):
     context = PolicyContext(
         reactor=clock or task.Clock(),
         hostname="mx.example.test",
         state_dir=Path("/nonexistent"),
         resolver=None,
         trusted_networks=TRUSTED,
+        peers=peers,
     )
     return factory.policy(options, context)
 
@@ -75,6 +91,26 @@ def test_a_user_over_the_limit_gets_452_4_7_0_from_any_address(logged):
     # An authenticated user's mail does not count against the address.
     stranger_there = SessionInfo(client_ip="192.0.2.8", listener="smtp")
     assert send(policy, stranger_there) is None
+
+
+def test_what_a_worker_counts_is_told_and_what_the_others_count_is_counted():
+    peers = Peers()
+    policy = make({"per_address": 3, "per_user": 2}, peers=peers)
+    assert send(policy, STRANGER) is None and send(policy, ALICE) is None
+    assert peers.told == [
+        ("ratelimit", "client 192.0.2.7"),
+        ("ratelimit", "user alice@example.test"),
+    ]
+    heard = peers.listeners["ratelimit"]
+    heard("client 192.0.2.7")
+    heard("client 192.0.2.7")
+    assert send(policy, STRANGER).code == 450  # 1 here and 2 elsewhere
+    heard("user alice@example.test")
+    assert send(policy, ALICE).code == 452
+    assert len(peers.told) == 2  # what was refused is not counted, nor told
+    heard("garbage")  # ignored, as is a user without a name
+    heard("user ")
+    assert send(policy, SessionInfo(client_ip="192.0.2.99", listener="smtp")) is None
 
 
 def test_the_window_slides():

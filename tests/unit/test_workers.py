@@ -262,6 +262,19 @@ def test_an_auth_failure_is_counted_by_every_other_worker():
     assert throttles[1].delay(throttles[1].recent_failures("192.0.2.1", 101.0) + 1) == 2.0
 
 
+def test_what_a_policy_tells_its_peers_reaches_every_other_worker():
+    group = Group()
+    heard: list[list[str]] = [[], []]
+    for channel, payloads in zip(group.channels, heard):
+        channel.peers.listen("ratelimit", payloads.append)
+    group.channels[0].peers.tell("ratelimit", "client 192.0.2.7")
+    group.reactor.flush()
+    assert heard == [[], ["client 192.0.2.7"]]
+    group.channels[1].peers.tell("other-topic", "x")
+    group.reactor.flush()
+    assert heard == [[], ["client 192.0.2.7"]]
+
+
 def test_tls_handshakes_of_the_workers_are_counted_by_the_main_process():
     group = Group()
     sessions = ReportingSessions(group.channels[0], group.reactor)

@@ -10,8 +10,10 @@ Each message is counted when the whole of it was received (the
 nothing; the next ``MAIL`` is refused once the last ``window`` seconds
 hold the limit.  The window slides: it is the time of the accepted
 messages themselves that is kept, at most ``limit`` of them per key, and
-a key idle for a whole window is forgotten.  Options and replies are
-described in ``docs/plugins/ratelimit.md``.
+a key idle for a whole window is forgotten.  With worker processes, each
+message counted is told to the other workers (``PolicyContext.peers``),
+which count it too, so a limit holds over all of them.  Options and
+replies are described in ``docs/plugins/ratelimit.md``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from twisted_mta.interfaces import (
 from twisted_mta.policies import BuiltinFactory
 
 OPTIONS = ("per_user", "per_address", "window")
+# What the workers tell each other: "user KEY" or "client KEY".
+TOPIC = "ratelimit"
 DEFAULT_WINDOW = "1h"
 _log = Logger()
 
@@ -99,6 +103,8 @@ class RateLimit:
         clock = context.reactor
         self.users = SlidingCounter(per_user, window, clock) if per_user else None
         self.addresses = SlidingCounter(per_address, window, clock) if per_address else None
+        self._peers = context.peers
+        self._peers.listen(TOPIC, self._counted_elsewhere)
 
     def mail_from(
         self, session: SessionInfo, sender: str, params: Mapping[str, str]
@@ -119,6 +125,15 @@ class RateLimit:
     ) -> None:
         counter, key = self._counted_as(session)
         if counter is not None:
+            counter.add(key)
+            kind = "user" if counter is self.users else "client"
+            self._peers.tell(TOPIC, f"{kind} {key}")
+
+    def _counted_elsewhere(self, payload: str) -> None:
+        """A message another worker counted."""
+        kind, _, key = payload.partition(" ")
+        counter = self.users if kind == "user" else self.addresses
+        if counter is not None and key:
             counter.add(key)
 
     def _counted_as(self, session: SessionInfo) -> tuple[SlidingCounter | None, str]:

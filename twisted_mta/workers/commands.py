@@ -6,7 +6,8 @@ all workers; the worker's connections made and open (``Tally``) and its
 TLS handshakes (``Handshake``), for the metrics; a message entered the
 queue (``Queued``); the worker serves (``Serving``).  Both ways: an AUTH
 failure (``AuthFailed``), so that every worker's throttle counts those of
-all.  From the main process: give back free slots (``Reclaim``), the
+all, and what a policy tells its peers (``PolicyEvent``), so that its
+limits hold over all.  From the main process: give back free slots (``Reclaim``), the
 stress state changed (``Stress``), re-read the config (``Reload``), serve
 a renewed certificate (``RenewCertificate``).
 
@@ -84,6 +85,13 @@ class AuthFailed(amp.Command):
     """An AUTH attempt of ``ip`` failed at ``when`` (seconds since the epoch)."""
 
     arguments = [(b"ip", amp.Unicode()), (b"when", amp.Float())]
+    requiresAnswer = False
+
+
+class PolicyEvent(amp.Command):
+    """A policy told its peers ``payload`` on ``topic`` (``IPolicyPeers``)."""
+
+    arguments = [(b"topic", amp.Unicode()), (b"payload", amp.Unicode())]
     requiresAnswer = False
 
 

@@ -44,6 +44,7 @@ from twisted_mta.workers.commands import (
     Acquire,
     AuthFailed,
     Handshake,
+    PolicyEvent,
     Queued,
     QuietAMP,
     Reclaim,
@@ -307,6 +308,12 @@ class WorkerPool:
             if worker is not source:
                 worker.control.callRemote(AuthFailed, ip=ip, when=when)
 
+    def policy_event(self, source: _Worker, topic: str, payload: str) -> None:
+        """The same policy in every other worker hears it."""
+        for worker in self._connected():
+            if worker is not source:
+                worker.control.tell(PolicyEvent, topic=topic, payload=payload)
+
     def _connected(self) -> list[_Worker]:
         return [worker for worker in self.workers if worker.control is not None]
 
@@ -386,6 +393,11 @@ class ControlProtocol(QuietAMP):
     @AuthFailed.responder
     def auth_failed(self, ip: str, when: float) -> dict:
         self._pool.auth_failed(self._worker, ip, when)
+        return {}
+
+    @PolicyEvent.responder
+    def policy_event(self, topic: str, payload: str) -> dict:
+        self._pool.policy_event(self._worker, topic, payload)
         return {}
 
     @Serving.responder

@@ -10,6 +10,8 @@ main process over its channel.
 * AUTH throttling: each worker runs its own ``AuthThrottle`` (its answer
   delays, its blocks, its pool of checks), and every failure found by one
   is counted by all the others, through the main process.
+* Policies: what one tells its peers (``ChannelPeers``) reaches the same
+  policy in every other worker, through the main process.
 * The queue: each message queued is told to the main process, whose
   scheduler tries it at once.
 * Metrics: ``ReportingSessions`` tells the main process the connections
@@ -42,16 +44,19 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, eventAsJSON, globalLogBeginner
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from twisted_mta.auth.throttle import AuthThrottle
 from twisted_mta.config import Config, ConfigError, load_config
 from twisted_mta.front import SMTPService
 from twisted_mta.intake.policies import PluginError
+from twisted_mta.interfaces import IPolicyPeers
 from twisted_mta.smtp.limits import Sessions
 from twisted_mta.workers.commands import (
     Acquire,
     AuthFailed,
     Handshake,
+    PolicyEvent,
     Queued,
     QuietAMP,
     Reclaim,
@@ -84,6 +89,7 @@ class MainChannel(QuietAMP):
         self.reread: Callable[[], object] | None = None
         self.renew_certificate: Callable[[], None] | None = None
         self.limits: RemoteLimits | None = None
+        self.peers = ChannelPeers(self)
         self._on_lost = on_lost
 
     def queued(self, queue_id: str) -> None:
@@ -94,6 +100,11 @@ class MainChannel(QuietAMP):
 
     def handshake(self, listener: str, completed: bool) -> None:
         self.tell(Handshake, listener=listener, completed=completed)
+
+    @PolicyEvent.responder
+    def policy_event(self, topic: str, payload: str) -> dict:
+        self.peers.heard(topic, payload)
+        return {}
 
     @Reclaim.responder
     def reclaim(self, ip: str) -> dict:
@@ -126,6 +137,27 @@ class MainChannel(QuietAMP):
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
         self._on_lost()
+
+
+@implementer(IPolicyPeers)
+class ChannelPeers:
+    """The other workers, as this worker's policies reach them: through the
+    main process, which passes on what one tells to all the others."""
+
+    def __init__(self, channel: MainChannel) -> None:
+        self._channel = channel
+        self._listeners: dict[str, Callable[[str], None]] = {}
+
+    def tell(self, topic: str, payload: str) -> None:
+        self._channel.tell(PolicyEvent, topic=topic, payload=payload)
+
+    def listen(self, topic: str, heard: Callable[[str], None]) -> None:
+        self._listeners[topic] = heard
+
+    def heard(self, topic: str, payload: str) -> None:
+        listener = self._listeners.get(topic)
+        if listener is not None:
+            listener(payload)
 
 
 @dataclass
@@ -317,6 +349,7 @@ class WorkerService(SMTPService):
         sockets: Sequence[ListeningSocket],
         channel: MainChannel,
     ) -> None:
+        self.peers = channel.peers
         super().__init__(config, checkers, ReportingSessions(channel, reactor))
         self.channel = channel
         self.limits = RemoteLimits(channel, reactor)
