@@ -1,4 +1,5 @@
-"""The DNS resolver of the relay and the policies: twisted.names, quietly.
+"""The DNS resolver of the relay and the policies: twisted.names, quietly,
+and one in each process for the same servers.
 
 ``twisted.names`` asks each question from a new UDP port (a random source
 port, against spoofed answers), and Twisted's UDP port logs two lines for
@@ -19,15 +20,29 @@ from twisted.internet import udp
 from twisted.internet.interfaces import IResolver
 from twisted.names import cache, client, dns, hosts, resolve
 
+# On the global reactor: one resolver per set of servers in a process, so
+# that the relay and the policies share it, and its cache.
+_shared: dict[tuple[tuple[str, int], ...], IResolver] = {}
+
 
 def make_resolver(servers: Sequence[tuple[str, int]], reactor: Any = None) -> IResolver:
     """A twisted.names resolver for ``[(ip, port), ...]``, or the system's.
 
     With servers given, /etc/resolv.conf is not read at all: those servers
-    and /etc/hosts are the only sources.
+    and /etc/hosts are the only sources.  Without a reactor given, the
+    resolver for the same servers is the one made before, if any.
     """
-    if reactor is None:
+    if reactor is not None:
+        return _build(servers, reactor)
+    key = tuple(servers)
+    if key not in _shared:
         from twisted.internet import reactor
+
+        _shared[key] = _build(key, reactor)
+    return _shared[key]
+
+
+def _build(servers: Sequence[tuple[str, int]], reactor: Any) -> IResolver:
     # As client.createResolver builds it, with our reactor for the queries.
     resolv_conf = os.devnull if servers else "/etc/resolv.conf"
     asking = client.Resolver(resolv_conf, list(servers) or None, reactor=QuietReactor(reactor))
