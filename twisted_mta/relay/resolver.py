@@ -20,25 +20,23 @@ from twisted.internet import udp
 from twisted.internet.interfaces import IResolver
 from twisted.names import cache, client, dns, hosts, resolve
 
-# On the global reactor: one resolver per set of servers in a process, so
-# that the relay and the policies share it, and its cache.
-_shared: dict[tuple[tuple[str, int], ...], IResolver] = {}
+# One resolver per set of servers and reactor in a process, so that the
+# relay and the policies share it, and its cache.
+_shared: dict[tuple[Any, tuple[tuple[str, int], ...]], IResolver] = {}
 
 
 def make_resolver(servers: Sequence[tuple[str, int]], reactor: Any = None) -> IResolver:
     """A twisted.names resolver for ``[(ip, port), ...]``, or the system's.
 
     With servers given, /etc/resolv.conf is not read at all: those servers
-    and /etc/hosts are the only sources.  Without a reactor given, the
-    resolver for the same servers is the one made before, if any.
+    and /etc/hosts are the only sources.  The resolver for the same servers
+    and reactor is the one made before, if any.
     """
-    if reactor is not None:
-        return _build(servers, reactor)
-    key = tuple(servers)
-    if key not in _shared:
+    if reactor is None:
         from twisted.internet import reactor
-
-        _shared[key] = _build(key, reactor)
+    key = (reactor, tuple(servers))
+    if key not in _shared:
+        _shared[key] = _build(key[1], reactor)
     return _shared[key]
 
 
