@@ -203,6 +203,24 @@ def test_free_slots_of_other_addresses_are_reclaimed_at_the_total_limit():
     assert group.pool.limits.total == 8 and group.pool.limits.per_ip["192.0.2.1"] == 1
 
 
+def test_free_slots_count_against_the_limits_but_not_towards_stress():
+    group = Group(max_total=10, max_per_ip=10)
+    first, second = limits_of(group)
+    assert group.ask(first.acquire("192.0.2.1")) is True  # 1 in use, 3 free
+    group.reactor.advance(TALLY_DELAY)
+    group.reactor.flush()
+    for number in range(2, 8):
+        assert group.ask(second.acquire(f"192.0.2.{number}")) is True
+    assert group.pool.limits.total == 10  # 7 in use: not above 80 %
+    assert not group.pool.limits.stressed and not second.stressed
+    # The limit is reached: the free slots are taken back first.
+    assert group.ask(second.acquire("192.0.2.8")) is True
+    assert group.pool.limits.total == 8 and not group.pool.limits.stressed
+    assert group.ask(second.acquire("192.0.2.9")) is True
+    group.reactor.flush()
+    assert group.pool.limits.stressed and first.stressed and second.stressed
+
+
 def test_the_stress_state_is_told_to_every_worker():
     group = Group(max_total=2)
     first, second = limits_of(group)

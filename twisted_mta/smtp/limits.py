@@ -52,7 +52,9 @@ class ConnectionLimits:
     """Counts open connections, in total and per client address.
 
     It also tells whether the server is under stress: more than
-    ``STRESS_SHARE`` of ``max_total`` connections open.  Sessions then use
+    ``STRESS_SHARE`` of ``max_total`` connections open.  ``unused`` are
+    slots counted but held by no connection (free slots leased to worker
+    processes): they count against the limits, not towards stress.  Sessions then use
     their stress limits, as Postfix's smtpd does, so that connections that
     make no progress give way to clients that have mail to send.
     """
@@ -62,6 +64,7 @@ class ConnectionLimits:
     total: int = 0
     per_ip: dict[str, int] = field(default_factory=dict)
     stressed: bool = False
+    unused: int = 0
 
     def acquire(self, ip: str) -> bool:
         if self.total >= self.max_total or self.per_ip.get(ip, 0) >= self.max_per_ip:
@@ -80,9 +83,13 @@ class ConnectionLimits:
             del self.per_ip[ip]
         self._check_stress()
 
+    def set_unused(self, unused: int) -> None:
+        self.unused = unused
+        self._check_stress()
+
     def _check_stress(self) -> None:
         """Follow the stress state; its start and end are logged once."""
-        stressed = self.total > STRESS_SHARE * self.max_total
+        stressed = self.total - self.unused > STRESS_SHARE * self.max_total
         if stressed == self.stressed:
             return
         self.stressed = stressed
@@ -90,7 +97,7 @@ class ConnectionLimits:
         _log.info(
             "stress mode {state}: {total} of {max_total} connections open",
             state=state,
-            total=self.total,
+            total=self.total - self.unused,
             max_total=self.max_total,
         )
 

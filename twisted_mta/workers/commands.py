@@ -1,15 +1,16 @@
 """What the main process and its workers say to each other, over AMP.
 
 From a worker to the main process: connection slots are asked for
-(``Acquire``) and given back (``Release``), so that the limits hold over
-all workers; the worker's connections made and open (``Tally``) and its
-TLS handshakes (``Handshake``), for the metrics; a message entered the
-queue (``Queued``); the worker serves (``Serving``).  Both ways: an AUTH
+(``Acquire``) and given back (``Release``), and how many it holds free
+(``Unused``), so that the limits hold over all workers; the worker's
+connections made and open (``Tally``) and its TLS handshakes
+(``Handshake``), for the metrics; a message entered the queue
+(``Queued``); the worker serves (``Serving``).  Both ways: an AUTH
 failure (``AuthFailed``), so that every worker's throttle counts those of
 all, and what a policy tells its peers (``PolicyEvent``), so that its
-limits hold over all.  From the main process: give back free slots (``Reclaim``), the
-stress state changed (``Stress``), re-read the config (``Reload``), serve
-a renewed certificate (``RenewCertificate``).
+limits hold over all.  From the main process: give back free slots
+(``Reclaim``), the stress state changed (``Stress``), re-read the config
+(``Reload``), serve a renewed certificate (``RenewCertificate``).
 
 A notice needs no answer; a slot does (the greeting waits for it), and so
 do a reclaim (the slot waits for it), a reload or a renewal (the main
@@ -45,6 +46,14 @@ class Reclaim(amp.Command):
     response = [
         (b"returned", amp.AmpList([(b"ip", amp.Unicode()), (b"count", amp.Integer())]))
     ]
+
+
+class Unused(amp.Command):
+    """The worker holds ``count`` free slots in all: they count against the
+    limits, not towards stress."""
+
+    arguments = [(b"count", amp.Integer())]
+    requiresAnswer = False
 
 
 class Stress(amp.Command):

@@ -54,6 +54,7 @@ from twisted_mta.workers.commands import (
     Serving,
     Stress,
     Tally,
+    Unused,
 )
 
 CONTROL_FD = 3
@@ -117,8 +118,10 @@ class _Worker:
     backoff: float = 0.0
     serving: bool = False
     ended: defer.Deferred | None = None
-    # The connection slots it holds, in use or free, by address.
+    # The connection slots it holds, in use or free, by address; how many
+    # of them are free, as it last told.
     slots: Counter[str] = field(default_factory=Counter)
+    unused: int = 0
 
     @property
     def system(self) -> str:
@@ -203,6 +206,7 @@ class WorkerPool:
         worker.serving = False
         for ip, held in list(worker.slots.items()):
             self.release(worker, ip, held)
+        self.set_unused(worker, 0)
         self.tallies.forget(worker.number)
         how = _how_it_ended(reason)
         ended, worker.ended = worker.ended, None
@@ -271,10 +275,20 @@ class WorkerPool:
 
     def _reclaimed(self, answer: dict, worker: _Worker) -> None:
         for returned in answer["returned"]:
-            self.release(worker, returned["ip"], returned["count"])
+            self.give_back(worker, returned["ip"], returned["count"])
+
+    def give_back(self, worker: _Worker, ip: str, count: int) -> None:
+        """``worker`` gives back ``count`` free slots of ``ip``."""
+        self.set_unused(worker, max(worker.unused - count, 0))
+        self.release(worker, ip, count)
+
+    def set_unused(self, worker: _Worker, count: int) -> None:
+        worker.unused = count
+        self.limits.set_unused(sum(each.unused for each in self.workers))
+        self._tell_stress()
 
     def release(self, worker: _Worker, ip: str, count: int) -> None:
-        """``count`` slots of ``ip`` that ``worker`` held are free again."""
+        """``count`` slots of ``ip`` that ``worker`` held are no longer its."""
         count = min(count, worker.slots[ip])
         if count <= 0:
             return
@@ -372,7 +386,12 @@ class ControlProtocol(QuietAMP):
 
     @Release.responder
     def release(self, ip: str, count: int) -> dict:
-        self._pool.release(self._worker, ip, count)
+        self._pool.give_back(self._worker, ip, count)
+        return {}
+
+    @Unused.responder
+    def unused(self, count: int) -> dict:
+        self._pool.set_unused(self._worker, count)
         return {}
 
     @Tally.responder

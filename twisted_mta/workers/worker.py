@@ -66,6 +66,7 @@ from twisted_mta.workers.commands import (
     Serving,
     Stress,
     Tally,
+    Unused,
 )
 from twisted_mta.workers.supervisor import CONTROL_FD, GivenProtocol, ListeningSocket
 
@@ -185,10 +186,13 @@ class RemoteLimits:
 
     def __init__(self, channel: MainChannel, clock: IReactorTime) -> None:
         self._channel = channel
+        self._clock = clock
         self._leases: dict[str, _Lease] = {}
         self._used: set[str] = set()
         self._sweeps = task.LoopingCall(self.sweep)
         self._sweeps.clock = clock
+        self._told_free = 0
+        self._telling = None
         channel.limits = self
 
     @property
@@ -209,6 +213,7 @@ class RemoteLimits:
         if lease is not None and lease.free:
             lease.free -= 1
             self._use(ip, lease)
+            self._free_changed()
             return True
         d = self._channel.callRemote(Acquire, ip=ip)
         return d.addCallback(self._granted, ip)
@@ -223,6 +228,7 @@ class RemoteLimits:
         lease.keep = granted if granted > 1 else 0
         self._use(ip, lease)
         self._trim(ip, lease)
+        self._free_changed()
         return True
 
     def _use(self, ip: str, lease: _Lease) -> None:
@@ -234,6 +240,7 @@ class RemoteLimits:
         lease.in_use -= 1
         lease.free += 1
         self._trim(ip, lease)
+        self._free_changed()
 
     def sweep(self) -> None:
         """Give back the free slots of every address unused since the
@@ -243,6 +250,7 @@ class RemoteLimits:
                 lease.keep = 0
                 self._trim(ip, lease)
         self._used.clear()
+        self._free_changed()
 
     def reclaim(self, ip: str) -> list[tuple[str, int]]:
         """Give up the free slots of ``ip``, or of every address if it is
@@ -256,7 +264,21 @@ class RemoteLimits:
                 returned.append((each, lease.free))
             lease.free = lease.keep = 0
             self._forget_if_unused(each, lease)
+        self._free_changed()
         return returned
+
+    def _free_changed(self) -> None:
+        """Tell the main process how many free slots this worker holds, at
+        most every ``TALLY_DELAY``: stress counts only slots in use."""
+        if self._telling is None:
+            self._telling = self._clock.callLater(TALLY_DELAY, self._tell_free)
+
+    def _tell_free(self) -> None:
+        self._telling = None
+        free = sum(lease.free for lease in self._leases.values())
+        if free != self._told_free:
+            self._told_free = free
+            self._channel.tell(Unused, count=free)
 
     def _trim(self, ip: str, lease: _Lease) -> None:
         excess = lease.free - lease.keep
