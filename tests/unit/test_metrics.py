@@ -98,8 +98,16 @@ def test_what_is_not_an_outcome_counts_nothing(metrics: Metrics) -> None:
     maillog.auth_blocked("192.0.2.7", "PLAIN", "too many failed logins")
     maillog.no_notification("Q1")
     after = samples(metrics)
-    counts = {key: v for key, v in after.items() if key[0].endswith("_total")}
-    assert counts == {key: v for key, v in before.items() if key[0].endswith("_total")}
+    assert counted(after) == counted(before)
+
+
+def counted(found: dict) -> dict:
+    """The counters of mail, not the process's CPU, which moves on its own."""
+    return {
+        key: v
+        for key, v in found.items()
+        if key[0].endswith("_total") and not key[0].startswith("twisted_mta_process_")
+    }
 
 
 def test_nothing_is_counted_once_the_observer_stops(sessions: Sessions) -> None:
