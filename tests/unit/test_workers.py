@@ -17,21 +17,16 @@ from twisted.test import iosim
 from twisted_mta.auth.throttle import AuthThrottle
 from twisted_mta.smtp.limits import ConnectionLimits
 from twisted_mta.workers.commands import Serving
+from twisted_mta.workers.leases import SWEEP_INTERVAL, TALLY_DELAY, RemoteLimits
+from twisted_mta.workers.ledger import LEASE
 from twisted_mta.workers.supervisor import (
     FIRST_BACKOFF,
     KILL_GRACE,
-    LEASE,
     ListeningSocket,
     WorkerPool,
     reemit,
 )
-from twisted_mta.workers.worker import (
-    SWEEP_INTERVAL,
-    TALLY_DELAY,
-    MainChannel,
-    RemoteLimits,
-    ReportingSessions,
-)
+from twisted_mta.workers.worker import MainChannel, ReportingSessions
 
 SOCKETS = [ListeningSocket("smtp", 7, socket.AF_INET), ListeningSocket("submission", 8, 2)]
 

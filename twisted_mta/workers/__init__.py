@@ -7,6 +7,8 @@ maildrop, the bounces and the metrics stay in the main process, which
 talks to each worker over a socket pair, with AMP (``commands``):
 
 * ``supervisor``: the main process's side: spawning and restarting the
-  workers, the connection limits of all of them, their log lines;
-* ``worker``: a worker's side of the channel.
+  workers, answering them, their log lines;
+* ``ledger``: the connection slots of all workers, against the limits;
+* ``worker``: a worker's side of the channel;
+* ``leases``: the connection slots as a worker holds them.
 """

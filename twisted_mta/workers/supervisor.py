@@ -13,10 +13,7 @@ file descriptors:
 * 4 onwards: the listening sockets, in the order of ``--listener`` options.
 
 The connection limits are counted here, over every worker, in slots a
-worker holds: those of its open connections and a few free ones leased to
-it while the limits are far off (see ``worker.RemoteLimits``).  A slot
-that cannot be granted is first looked for among the free ones the other
-workers hold (``Reclaim``).
+worker holds (``ledger.SlotLedger``).
 
 A worker that ends is restarted: at once if it ran for a while, after a
 growing pause (up to ``MAX_BACKOFF``) if it keeps dying as it starts.  Its
@@ -31,7 +28,7 @@ import socket
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IReactorProcess
@@ -47,15 +44,14 @@ from twisted_mta.workers.commands import (
     PolicyEvent,
     Queued,
     QuietAMP,
-    Reclaim,
     Release,
     Reload,
     RenewCertificate,
     Serving,
-    Stress,
     Tally,
     Unused,
 )
+from twisted_mta.workers.ledger import SlotLedger
 
 CONTROL_FD = 3
 FIRST_LISTENER_FD = 4
@@ -65,8 +61,6 @@ FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 # After shutdown_timeout, workers get this long to end before SIGKILL.
 KILL_GRACE = 10.0
-# Slots granted at once at most: the connection's, and free ones to keep.
-LEASE = 4
 
 _log = Logger()
 
@@ -118,10 +112,6 @@ class _Worker:
     backoff: float = 0.0
     serving: bool = False
     ended: defer.Deferred | None = None
-    # The connection slots it holds, in use or free, by address; how many
-    # of them are free, as it last told.
-    slots: Counter[str] = field(default_factory=Counter)
-    unused: int = 0
 
     @property
     def system(self) -> str:
@@ -147,11 +137,11 @@ class WorkerPool:
         self._lost = lost
         self._clock = clock
         self.workers = [_Worker(number) for number in range(1, count + 1)]
+        self.slots = SlotLedger(limits, self.workers)
         self._sockets: list[ListeningSocket] = []
         self._running = False
         self._all_serving: defer.Deferred | None = None
         self._restarts: dict[int, object] = {}
-        self._stressed = False
 
     # -- start and restart ---------------------------------------------------
 
@@ -192,8 +182,7 @@ class WorkerPool:
 
     def serving(self, worker: _Worker, pid: int) -> None:
         worker.serving = True
-        if self._stressed:
-            worker.control.tell(Stress, stressed=True)
+        self.slots.greet(worker)
         _log.info("worker {number} serving: pid {pid}", number=worker.number, pid=pid)
         if self._all_serving is not None and all(each.serving for each in self.workers):
             d, self._all_serving = self._all_serving, None
@@ -204,9 +193,7 @@ class WorkerPool:
         what it queued, and start another unless we are stopping."""
         worker.process = worker.control = None
         worker.serving = False
-        for ip, held in list(worker.slots.items()):
-            self.release(worker, ip, held)
-        self.set_unused(worker, 0)
+        self.slots.forget(worker)
         self.tallies.forget(worker.number)
         how = _how_it_ended(reason)
         ended, worker.ended = worker.ended, None
@@ -232,79 +219,6 @@ class WorkerPool:
         return worker.backoff
 
     # -- what workers ask and tell -------------------------------------------
-
-    def acquire(self, worker: _Worker, ip: str) -> int | defer.Deferred:
-        """How many slots of ``ip`` ``worker`` is granted: none, or the
-        connection's and maybe a few to keep.  Deferred when free slots
-        are reclaimed from the workers first."""
-        if self.limits.acquire(ip):
-            return self._lease(worker, ip)
-        d = self._reclaim(ip)
-        return d.addCallback(lambda _: self._lease(worker, ip) if self.limits.acquire(ip) else 0)
-
-    def _lease(self, worker: _Worker, ip: str) -> int:
-        granted = 1
-        while granted < LEASE and self._far_from_limits(ip) and self.limits.acquire(ip):
-            granted += 1
-        worker.slots[ip] += granted
-        self._tell_stress()
-        return granted
-
-    def _far_from_limits(self, ip: str) -> bool:
-        """Whether one slot more keeps ``ip`` and the total at half their
-        limits at most: free slots are leased only then, so that they are
-        seldom reclaimed."""
-        limits = self.limits
-        return (
-            2 * (limits.total + 1) <= limits.max_total
-            and 2 * (limits.per_ip.get(ip, 0) + 1) <= limits.max_per_ip
-        )
-
-    def _reclaim(self, ip: str) -> defer.Deferred:
-        """Ask the workers for the free slots in the way of a connection of
-        ``ip``: that address's, or every address's when the total is reached."""
-        everyone = self.limits.total >= self.limits.max_total
-        asked = [
-            worker.control.callRemote(Reclaim, ip="" if everyone else ip)
-            .addCallback(self._reclaimed, worker)
-            .addErrback(lambda _: None)
-            for worker in self._connected()
-            if worker.slots[ip] or (everyone and worker.slots)
-        ]
-        return defer.gatherResults(asked)
-
-    def _reclaimed(self, answer: dict, worker: _Worker) -> None:
-        for returned in answer["returned"]:
-            self.give_back(worker, returned["ip"], returned["count"])
-
-    def give_back(self, worker: _Worker, ip: str, count: int) -> None:
-        """``worker`` gives back ``count`` free slots of ``ip``."""
-        self.set_unused(worker, max(worker.unused - count, 0))
-        self.release(worker, ip, count)
-
-    def set_unused(self, worker: _Worker, count: int) -> None:
-        worker.unused = count
-        self.limits.set_unused(sum(each.unused for each in self.workers))
-        self._tell_stress()
-
-    def release(self, worker: _Worker, ip: str, count: int) -> None:
-        """``count`` slots of ``ip`` that ``worker`` held are no longer its."""
-        count = min(count, worker.slots[ip])
-        if count <= 0:
-            return
-        worker.slots[ip] -= count
-        if not worker.slots[ip]:
-            del worker.slots[ip]
-        for _ in range(count):
-            self.limits.release(ip)
-        self._tell_stress()
-
-    def _tell_stress(self) -> None:
-        if self.limits.stressed == self._stressed:
-            return
-        self._stressed = self.limits.stressed
-        for worker in self._connected():
-            worker.control.tell(Stress, stressed=self._stressed)
 
     def tally(self, worker: _Worker, listener: str, made: int, open_now: int) -> None:
         self.tallies.counted(worker.number, listener, made, open_now)
@@ -379,19 +293,19 @@ class ControlProtocol(QuietAMP):
 
     @Acquire.responder
     def acquire(self, ip: str) -> dict | defer.Deferred:
-        granted = self._pool.acquire(self._worker, ip)
+        granted = self._pool.slots.acquire(self._worker, ip)
         if isinstance(granted, defer.Deferred):
             return granted.addCallback(lambda count: {"granted": count})
         return {"granted": granted}
 
     @Release.responder
     def release(self, ip: str, count: int) -> dict:
-        self._pool.give_back(self._worker, ip, count)
+        self._pool.slots.give_back(self._worker, ip, count)
         return {}
 
     @Unused.responder
     def unused(self, count: int) -> dict:
-        self._pool.set_unused(self._worker, count)
+        self._pool.slots.set_unused(self._worker, count)
         return {}
 
     @Tally.responder
