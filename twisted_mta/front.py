@@ -49,7 +49,21 @@ CERTIFICATE_POLL = 4.0
 _log = Logger()
 
 
-class ListenerService(service.Service):
+class PortService(service.Service):
+    """A service that owns one listening port, once it has one: stopping
+    the service stops listening."""
+
+    port = None
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+class ListenerService(PortService):
     """Bind one endpoint before privileges are dropped; say where it listens
     once the server is ready to serve it."""
 
@@ -57,7 +71,6 @@ class ListenerService(service.Service):
         self.kind = kind
         self.description = description
         self.factory = factory
-        self.port = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -91,13 +104,6 @@ class ListenerService(service.Service):
             host=address.host,
             port=address.port,
         )
-
-    def stopService(self):
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
-        return None
 
 
 @dataclass(frozen=True)

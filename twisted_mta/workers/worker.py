@@ -37,7 +37,6 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 
-from twisted.application import service
 from twisted.cred import strcred
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.interfaces import IReactorTime
@@ -47,7 +46,7 @@ from zope.interface import implementer
 
 from twisted_mta.auth.throttle import AuthThrottle
 from twisted_mta.config import Config, ConfigError, load_config
-from twisted_mta.front import SMTPService
+from twisted_mta.front import PortService, SMTPService
 from twisted_mta.intake.policies import PluginError
 from twisted_mta.interfaces import IPolicyPeers
 from twisted_mta.smtp.limits import Sessions
@@ -197,26 +196,18 @@ class ReportingSessions(Sessions):
         self._channel.handshake(listener, False)
 
 
-class AdoptedListener(service.Service):
+class AdoptedListener(PortService):
     """Accept on a listening socket bound by the main process."""
 
     def __init__(self, given: ListeningSocket, factory: protocol.Factory) -> None:
         self.given = given
         self.factory = factory
-        self.port = None
 
     def startService(self) -> None:
         super().startService()
         self.port = reactor.adoptStreamPort(self.given.fd, self.given.family, self.factory)
         # The port holds its own copy of the socket.
         os.close(self.given.fd)
-
-    def stopService(self):
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
-        return None
 
 
 class WorkerService(SMTPService):
