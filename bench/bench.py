@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,12 +57,26 @@ SERVER_ORDER = ["postfix", "twisted-mta", "aiosmtpd", "aiosmtpd-thread", "twiste
 
 # Targets from the issue: (scenario, metric, minimum ratio to Postfix).
 TARGETS = [
-    ("1k-s10", "delivered_per_s", 1.5, "1 KB x 10 sessions: messages/s >= 1.5x Postfix"),
-    ("100k-s10", "delivered_per_s", 1.0, "100 KB x 10 sessions: messages/s >= 1.0x Postfix"),
-    ("10m-s1", "MB_per_s", 1.0, "10 MB x 1 session: MB/s >= 1.0x Postfix"),
+    ("1k-s10", "delivered_per_s", 2.0, "1 KB x 10 sessions: messages/s >= 2.0x Postfix"),
+    ("1k-s10-d", "delivered_per_s", 2.0, "1 KB x 10 reused sessions: messages/s >= 2.0x Postfix"),
+    ("1k-s1", "delivered_per_s", 1.0, "1 KB x 1 session: messages/s >= 1.0x Postfix"),
+    ("100k-s10", "delivered_per_s", 1.3, "100 KB x 10 sessions: messages/s >= 1.3x Postfix"),
+    ("10m-s1", "MB_per_s", 1.2, "10 MB x 1 session: MB/s >= 1.2x Postfix"),
 ]
-IDLE_TARGET_MB = 50.0
+IDLE_TARGET_KB_EACH = 3.0
 IDLE_TARGET_COUNT = 5000
+
+
+def start_twistd(venv: str, config: str, log_path: str, cwd: str) -> subprocess.Popen:
+    """``twistd -n mta --config CONFIG`` from ``venv``, its log appended to
+    ``log_path`` through standard output, not --logfile: twistd's log file
+    rotates at 1 MB, and the counts read the log from an offset."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [os.path.join(venv, "bin", "twistd"), "-n", "--pidfile=", "--logfile=-",
+             "mta", "--config", config],
+            cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+        )
 
 
 def import_bench_load():
@@ -220,15 +235,17 @@ def targets(rows, idle):
             and r["requested"] >= IDLE_TARGET_COUNT]
     if mine:
         r = mine[-1]
-        growth = (r["mem_during"]["rss_kb"] - r["mem_before"]["rss_kb"]) / 1024
+        growth_kb = r["mem_during"]["rss_kb"] - r["mem_before"]["rss_kb"]
         held = r["open_with_banner_at_end"]
-        met = growth < IDLE_TARGET_MB and held >= IDLE_TARGET_COUNT
-        out.append("| %d idle sessions held in < %.0f MB more memory (RSS growth) | %d held, +%.1f MB "
-                   "| | | %s |" % (IDLE_TARGET_COUNT, IDLE_TARGET_MB, held, growth,
-                                   "**yes**" if met else "**NO**"))
+        each = growth_kb / max(held, 1)
+        met = each <= IDLE_TARGET_KB_EACH and held >= IDLE_TARGET_COUNT
+        out.append("| %d idle sessions, all held, <= %.0f kB each (RSS growth) "
+                   "| %d held, +%.1f MB, %.1f kB each | | | %s |"
+                   % (IDLE_TARGET_COUNT, IDLE_TARGET_KB_EACH, held, growth_kb / 1024, each,
+                      "**yes**" if met else "**NO**"))
     else:
-        out.append("| %d idle sessions in < %.0f MB | not measured | | | |"
-                   % (IDLE_TARGET_COUNT, IDLE_TARGET_MB))
+        out.append("| %d idle sessions, <= %.0f kB each | not measured | | | |"
+                   % (IDLE_TARGET_COUNT, IDLE_TARGET_KB_EACH))
     return "\n".join(out) + "\n"
 
 
@@ -355,7 +372,6 @@ def _task_cpu(pid):
 def cmd_threads(argv):
     """CPU per thread (user / system) of PID while a command runs:
     bench.py threads PID MESSAGES -- smtp-source ..."""
-    import subprocess
     import time
 
     pid, count = int(argv[0]), int(argv[1])

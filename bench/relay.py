@@ -58,14 +58,7 @@ def start_mta(root: str):
     with open(config, "w") as out:
         out.write(CONFIG.format(spool=os.path.join(root, "spool"), port=RELAY_PORT))
     log_path = os.path.join(root, "twistd.log")
-    # Standard output, not --logfile: twistd's log file rotates at 1 MB,
-    # and the counts read the log from an offset.
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [os.path.join(MTA_VENV, "bin", "twistd"), "-n", "--pidfile=", "--logfile=-",
-             "mta", "--config", config],
-            cwd=root, stdout=log, stderr=subprocess.STDOUT,
-        )
+    process = bench.start_twistd(MTA_VENV, config, log_path, root)
     deadline = time.time() + 30
     while time.time() < deadline:
         if os.path.exists(log_path) and b"listening: smtp" in open(log_path, "rb").read():

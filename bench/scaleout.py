@@ -131,14 +131,7 @@ def start_node(parent: str, name: str, address: str, port: int, proxied: bool) -
     os.mkdir(root)
     config = render_config(root, address, port, proxied)
     log_path = os.path.join(root, "twistd.log")
-    # Standard output, not --logfile: twistd's log file rotates at 1 MB,
-    # and the counts read the log from an offset.
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [os.path.join(MTA_VENV, "bin", "twistd"), "-n", "--pidfile=", "--logfile=-",
-             "mta", "--config", config],
-            cwd=root, stdout=log, stderr=subprocess.STDOUT,
-        )
+    process = bench.start_twistd(MTA_VENV, config, log_path, root)
     return Node(name, process, log_path, os.path.join(root, "spool", MAILDIR))
 
 
