@@ -152,6 +152,18 @@ def test_concurrency_limits(tmp_path):
     assert len(h.pending) == 4
 
 
+def test_concurrency_follows_a_reloaded_policy(tmp_path):
+    for n in range(6):
+        queue(tmp_path, f"000000000000{n}AAAA", [f"x{n}@one.test"])
+    h = Harness(tmp_path)
+    h.scheduler.policy = Policy(
+        retry_min=300, retry_max=3600, lifetime=86400, max_concurrent=4, per_destination=1
+    )
+    h.answers["hold"] = True
+    h.start()
+    assert len(h.pending) == 1
+
+
 def test_delay_warning_sent_once(tmp_path):
     queue(tmp_path, "0000000000001AAAA", ["a@one.test"])
     h = Harness(tmp_path, Policy(retry_min=100, retry_max=100, lifetime=10000, delay_warning=250))

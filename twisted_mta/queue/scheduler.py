@@ -100,7 +100,7 @@ class Scheduler(service.Service):
     policies: PolicyChain = NO_POLICIES
 
     def __post_init__(self) -> None:
-        self._slots = Slots(self.policy.max_concurrent, self.policy.per_destination)
+        self._slots = Slots(lambda: self.policy)
 
     def startService(self) -> None:
         super().startService()
@@ -256,7 +256,7 @@ class Scheduler(service.Service):
         groups: dict[str, list[RecipientState]] = {}
         for recipient in due:
             groups.setdefault(self.destination(recipient.address), []).append(recipient)
-        capacity = self.policy.max_concurrent - self._slots.busy()
+        capacity = self._slots.capacity()
         startable = {}
         for destination, recipients in groups.items():
             if not self._slots.has_slot(destination):

@@ -12,16 +12,24 @@ takes it meanwhile.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Container, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class Concurrency(Protocol):
+    """How many may run: in all, and to one destination."""
+
+    max_concurrent: int
+    per_destination: int
 
 
 @dataclass
 class Slots:
-    """The slots of the scheduler's attempts and reads."""
+    """The slots of the scheduler's attempts and reads, by the limits of
+    ``limits()``: the policy in force, which a reload may replace."""
 
-    max_concurrent: int
-    per_destination: int
+    limits: Callable[[], Concurrency]
     # Attempts running, by destination, and in all.
     _running: Counter = field(default_factory=Counter)
     _total: int = 0
@@ -38,13 +46,17 @@ class Slots:
         """Attempts and reads under way."""
         return self._total + len(self._loading)
 
+    def capacity(self) -> int:
+        """How many more attempts and reads may start."""
+        return self.limits().max_concurrent - self.busy()
+
     def full(self) -> bool:
-        return self.busy() >= self.max_concurrent
+        return self.capacity() <= 0
 
     def has_slot(self, destination: str) -> bool:
         """Whether one more attempt to ``destination`` may run."""
         taken = self._running[destination] + self._reserved[destination]
-        return taken < self.per_destination
+        return taken < self.limits().per_destination
 
     def loading(self, queue_id: str) -> bool:
         return queue_id in self._loading
