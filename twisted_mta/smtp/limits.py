@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -65,6 +66,8 @@ class ConnectionLimits:
     per_ip: dict[str, int] = field(default_factory=dict)
     stressed: bool = False
     unused: int = 0
+    # Told each start and end of stress (the workers learn of it so).
+    on_stress: Callable[[bool], None] | None = None
 
     def acquire(self, ip: str) -> bool:
         if self.total >= self.max_total or self.per_ip.get(ip, 0) >= self.max_per_ip:
@@ -100,6 +103,8 @@ class ConnectionLimits:
             total=self.total - self.unused,
             max_total=self.max_total,
         )
+        if self.on_stress is not None:
+            self.on_stress(stressed)
 
 
 class Drainable(Protocol):

@@ -48,7 +48,7 @@ class SlotLedger:
         self.limits = limits
         self._holders = holders
         self._held = {holder.number: _Holding() for holder in holders}
-        self._stressed = False
+        limits.on_stress = self._stress
 
     def acquire(self, holder: Holder, ip: str) -> int | defer.Deferred:
         """How many slots of ``ip`` ``holder`` is granted: none, or the
@@ -68,7 +68,6 @@ class SlotLedger:
     def set_unused(self, holder: Holder, count: int) -> None:
         self._held[holder.number].unused = count
         self.limits.set_unused(sum(held.unused for held in self._held.values()))
-        self._tell_stress()
 
     def forget(self, holder: Holder) -> None:
         """``holder``'s process is gone: every slot it held is free."""
@@ -78,7 +77,7 @@ class SlotLedger:
 
     def greet(self, holder: Holder) -> None:
         """A worker starts serving: it learns of a stress under way."""
-        if self._stressed:
+        if self.limits.stressed:
             holder.control.tell(Stress, stressed=True)
 
     def _lease(self, holder: Holder, ip: str) -> int:
@@ -86,7 +85,6 @@ class SlotLedger:
         while granted < LEASE and self._far_from_limits(ip) and self.limits.acquire(ip):
             granted += 1
         self._held[holder.number].slots[ip] += granted
-        self._tell_stress()
         return granted
 
     def _far_from_limits(self, ip: str) -> bool:
@@ -126,14 +124,10 @@ class SlotLedger:
             del slots[ip]
         for _ in range(count):
             self.limits.release(ip)
-        self._tell_stress()
 
-    def _tell_stress(self) -> None:
-        if self.limits.stressed == self._stressed:
-            return
-        self._stressed = self.limits.stressed
+    def _stress(self, stressed: bool) -> None:
         for holder in self._connected():
-            holder.control.tell(Stress, stressed=self._stressed)
+            holder.control.tell(Stress, stressed=stressed)
 
     def _connected(self) -> list[Holder]:
         return [holder for holder in self._holders if holder.control is not None]
