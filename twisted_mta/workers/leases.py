@@ -7,6 +7,7 @@ Slots are leased (see :class:`RemoteLimits`); the main process's side is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,6 +22,25 @@ SWEEP_INTERVAL = 1.0
 # Counts the main process reads (slots held free, connections) are told at
 # most this long after they change.
 TALLY_DELAY = 0.2
+
+
+class Coalesced:
+    """``tell()`` once, ``TALLY_DELAY`` after the first of any number of
+    changes: counts that change at every connection cost one notice a
+    window."""
+
+    def __init__(self, clock: IReactorTime, tell: Callable[[], None]) -> None:
+        self._clock = clock
+        self._tell = tell
+        self._pending = None
+
+    def changed(self) -> None:
+        if self._pending is None:
+            self._pending = self._clock.callLater(TALLY_DELAY, self._fire)
+
+    def _fire(self) -> None:
+        self._pending = None
+        self._tell()
 
 
 class Channel(Protocol):
@@ -59,13 +79,12 @@ class RemoteLimits:
 
     def __init__(self, channel: Channel, clock: IReactorTime) -> None:
         self._channel = channel
-        self._clock = clock
         self._leases: dict[str, _Lease] = {}
         self._used: set[str] = set()
         self._sweeps = task.LoopingCall(self.sweep)
         self._sweeps.clock = clock
         self._told_free = 0
-        self._telling = None
+        self._free_changed = Coalesced(clock, self._tell_free).changed
         channel.limits = self
 
     @property
@@ -140,14 +159,9 @@ class RemoteLimits:
         self._free_changed()
         return returned
 
-    def _free_changed(self) -> None:
-        """Tell the main process how many free slots this worker holds, at
-        most every ``TALLY_DELAY``: stress counts only slots in use."""
-        if self._telling is None:
-            self._telling = self._clock.callLater(TALLY_DELAY, self._tell_free)
-
     def _tell_free(self) -> None:
-        self._telling = None
+        """How many free slots this worker holds: stress counts only slots
+        in use."""
         free = sum(lease.free for lease in self._leases.values())
         if free != self._told_free:
             self._told_free = free

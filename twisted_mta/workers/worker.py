@@ -63,7 +63,7 @@ from twisted_mta.workers.commands import (
     Stress,
     Tally,
 )
-from twisted_mta.workers.leases import TALLY_DELAY, RemoteLimits
+from twisted_mta.workers.leases import Coalesced, RemoteLimits
 from twisted_mta.workers.supervisor import CONTROL_FD, GivenProtocol, ListeningSocket
 
 _PR_SET_PDEATHSIG = 1
@@ -161,10 +161,9 @@ class ReportingSessions(Sessions):
     def __init__(self, channel: MainChannel, clock: IReactorTime) -> None:
         super().__init__()
         self._channel = channel
-        self._clock = clock
         self._told_made: Counter[str] = Counter()
         self._told_open: Counter[str] = Counter()
-        self._telling = None
+        self._changed = Coalesced(clock, self._tell).changed
 
     def add(self, server) -> None:
         super().add(server)
@@ -174,12 +173,7 @@ class ReportingSessions(Sessions):
         super().remove(server)
         self._changed()
 
-    def _changed(self) -> None:
-        if self._telling is None:
-            self._telling = self._clock.callLater(TALLY_DELAY, self._tell)
-
     def _tell(self) -> None:
-        self._telling = None
         made, open_now = self.connections.copy(), self.open_by_listener()
         for listener in set(made) | set(self._told_open):
             new = made[listener] - self._told_made[listener]
