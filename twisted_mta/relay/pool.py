@@ -41,13 +41,11 @@ class IdleSessions:
     def check_in(self, key: str, session: Reusable) -> None:
         """Keep ``session`` for the next message to ``key``, if it can
         carry one and there is room; close it otherwise."""
-        kept = self._idle.setdefault(key, [])
-        if not session.usable or len(kept) >= self._per_destination:
-            self._forget_if_empty(key)
+        if not session.usable or len(self._idle.get(key, ())) >= self._per_destination:
             session.close()
             return
         expiry = self._clock.callLater(IDLE_SECONDS, self._expire, key, session)
-        kept.append((session, expiry))
+        self._idle.setdefault(key, []).append((session, expiry))
 
     def check_out(self, key: str) -> Reusable | None:
         """An idle session to ``key`` that can still be used, or None."""
